@@ -1,0 +1,1 @@
+"""timm model families built from vzoo modules (registered on import of :mod:`vzoo`)."""

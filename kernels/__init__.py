@@ -1,0 +1,21 @@
+"""vzoo.kernels: shared block-sparse attention ops, layouts and backends.
+
+Tensors follow ``torch.nn.functional.scaled_dot_product_attention``: ``[B, H, S, D]``, GQA when the
+query heads are a multiple of the key/value heads. Imports only torch; triton loads lazily.
+"""
+
+from .backends import BACKENDS, backend_status, use_backend
+from .block_sparse import block_sparse_attention
+from .layout import BlockSparseLayout
+from .merge import merge_attention_states
+from .token_routed import token_routed_attention
+
+__all__ = [
+    "BACKENDS",
+    "BlockSparseLayout",
+    "backend_status",
+    "block_sparse_attention",
+    "merge_attention_states",
+    "token_routed_attention",
+    "use_backend",
+]

@@ -1,0 +1,146 @@
+"""Block-sparse attention: each query block attends to the key blocks its layout row lists.
+
+The shared op under BiFormer routing, VMoBA, Pyramid Sparse Attention, MoBA, SeerAttention, PBS-Attn,
+ProxyAttn and LongGen (see ``shared/specs/kernels.md`` §6). Semantics follow
+``torch.nn.functional.scaled_dot_product_attention`` restricted to the selected blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .backends import resolve_backend
+from .layout import BlockSparseLayout
+from .reference import dense_attention, layout_token_mask
+
+__all__ = ["block_sparse_attention"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]`` fit together."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"batch sizes differ: q has {q.shape[0]}, k has {k.shape[0]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head dims differ: q has {q.shape[3]}, k has {k.shape[3]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+
+
+def check_layout(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``layout`` fits ``q [B, Hq, Sq, D]`` and ``k [B, Hkv, Skv, D]``."""
+    if not isinstance(layout, BlockSparseLayout):
+        raise ValueError(f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    if (layout.q_len, layout.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(
+            f"layout is for q_len={layout.q_len}, kv_len={layout.kv_len} but q has {q.shape[2]} "
+            f"and k has {k.shape[2]} tokens"
+        )
+    if layout.batch_size not in (1, q.shape[0]):
+        raise ValueError(f"layout batch {layout.batch_size} must be 1 or the batch size {q.shape[0]}")
+    if layout.num_heads not in (1, k.shape[1], q.shape[1]):
+        raise ValueError(
+            f"layout has {layout.num_heads} heads; allowed: 1, the key/value heads ({k.shape[1]}) "
+            f"or the query heads ({q.shape[1]})"
+        )
+    if layout.device != q.device:
+        raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
+
+
+def layout_heads(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) -> BlockSparseLayout:
+    """Broadcast the layout to ``[B, Hu]``: ``Hu = Hkv`` when it is shared by a GQA group, else ``Hq``."""
+    heads = q.shape[1] if layout.num_heads == q.shape[1] else k.shape[1]
+    return layout.expand_heads(q.shape[0], heads)
+
+
+def run_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    token_mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale: float | None,
+    return_lse: bool,
+    backend: str | None,
+    reference_mask: Callable[[], torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch a validated problem to a backend. ``token_mask [B, Hl, Sq, MAXK]`` (bool) switches
+    individual slots of a query block's row off for single tokens; ``reference_mask`` builds the
+    dense ``[B, Hl, Sq, Skv]`` mask the reference backend uses instead of the layout's."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    name = resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=return_lse)
+    if q.numel() == 0 or k.shape[2] == 0:
+        out = q.new_zeros(q.shape)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+        return (out, lse) if return_lse else out
+    if name == "reference":
+        allowed = layout_token_mask(layout, token_mask, causal) if reference_mask is None else reference_mask()
+        if allowed.shape[1] not in (1, q.shape[1]):
+            allowed = allowed.repeat_interleave(q.shape[1] // allowed.shape[1], dim=1)
+        out, lse = dense_attention(q, k, v, allowed, scale)
+    else:
+        layout = layout_heads(layout, q, k)
+        if token_mask is not None:
+            token_mask = token_mask.expand(*layout.kv_num_blocks.shape[:2], *token_mask.shape[2:])
+        if name == "torch":
+            from .torch_backend import attend
+        elif name == "triton":
+            from .triton_backend import attend
+        else:
+            from .flex_backend import attend
+        out, lse = attend(q, k, v, layout, token_mask, causal=causal, scale=scale, need_lse=return_lse)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of each query block over the key blocks ``layout`` selects.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``.
+        k, v: ``[B, Hkv, Skv, D]``; ``Hq`` a multiple of ``Hkv`` (GQA).
+        layout: a :class:`BlockSparseLayout` with ``q_len = Sq``, ``kv_len = Skv``.
+        causal: also mask keys after the query position, bottom-right aligned when ``Sq != Skv``
+            (query ``i`` sees key ``j`` iff ``j <= i + Skv - Sq``).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the log-sum-exp.
+        backend: ``"reference" | "torch" | "triton" | "flex"`` or ``None`` for the default.
+
+    Returns:
+        ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse`` also ``lse [B, Hq, Sq]`` fp32,
+        natural log. Rows that select nothing give zeros and ``lse = -inf``.
+    """
+    check_qkv(q, k, v)
+    check_layout(layout, q, k)
+    return run_attention(
+        q, k, v, layout, None, causal=causal, scale=scale, return_lse=return_lse, backend=backend
+    )

@@ -1,0 +1,73 @@
+"""Flex backend: compiled ``torch.nn.attention.flex_attention`` driven by the same layout.
+
+Forward-only on CPU (FlexAttention has no CPU backward, and compiled CPU FlexAttention cannot return
+the log-sum-exp); forward and backward on CUDA. The first call for a new shape compiles (about 15-20 s
+on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .layout import BlockSparseLayout
+
+__all__ = ["attend"]
+
+
+@functools.cache
+def _compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    token_mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale: float,
+    need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block-sparse attention through FlexAttention; ``layout`` broadcast to ``[B, Hu]``."""
+    hq, hu = q.shape[1], layout.num_heads
+    if hu != hq:  # a GQA group shares its row list: FlexAttention wants one per query head
+        layout = BlockSparseLayout(
+            layout.kv_num_blocks.repeat_interleave(hq // hu, dim=1),
+            layout.kv_indices.repeat_interleave(hq // hu, dim=1),
+            layout.block_m,
+            layout.block_n,
+            layout.q_len,
+            layout.kv_len,
+        )
+        if token_mask is not None:
+            token_mask = token_mask.repeat_interleave(hq // hu, dim=1)
+    offset, bn = layout.kv_len - layout.q_len, layout.block_n
+    mask_mod = None
+    if token_mask is not None:
+        # chose[b, h, i, j]: token i chose key block j (slot lists scattered to block ids)
+        nkb = layout.num_kv_blocks
+        rows = layout.kv_indices.long()[:, :, torch.arange(layout.q_len, device=q.device) // layout.block_m]
+        chose = torch.zeros(*rows.shape[:3], nkb + 1, dtype=torch.bool, device=q.device)
+        chose.scatter_(-1, torch.where(token_mask & (rows >= 0), rows, nkb), True)
+        chose = chose[..., :nkb].contiguous()
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = chose[b, h, q_idx, kv_idx // bn]
+            return keep & (kv_idx <= q_idx + offset) if causal else keep
+
+    elif causal:
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return kv_idx <= q_idx + offset
+
+    block_mask = layout.to_flex_block_mask(mask_mod)
+    result = _compiled()(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=hq != k.shape[1], return_lse=need_lse
+    )
+    return result if need_lse else (result, None)

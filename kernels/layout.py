@@ -1,0 +1,271 @@
+"""Block-sparse attention layouts: FlexAttention-compatible row lists of selected key blocks.
+
+A layout says, for every query block of ``block_m`` tokens, which key blocks of ``block_n`` tokens it
+attends to. Rows are stored like ``torch.nn.attention.flex_attention.BlockMask`` (BCSR):
+``kv_num_blocks`` counts the blocks of a row and ``kv_indices`` lists them, ascending, padded with -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BlockSparseLayout"]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparseLayout:
+    """Which key blocks each query block attends to.
+
+    Attributes:
+        kv_num_blocks: int32 ``[B, Hl, NQB]``, the number of selected key blocks per query block.
+        kv_indices: int32 ``[B, Hl, NQB, MAXK]``, selected key-block ids, ascending, padded with -1.
+        block_m: query-block size in tokens.
+        block_n: key-block size in tokens.
+        q_len: query length (need not be a multiple of ``block_m``).
+        kv_len: key length (need not be a multiple of ``block_n``).
+
+    ``Hl`` is 1 (shared by all heads), the number of key/value heads, or the number of query heads.
+    """
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_m: int
+    block_n: int
+    q_len: int
+    kv_len: int
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "q_len", "kv_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if "block" in name else 0):
+                allowed = "a positive int" if "block" in name else "a non-negative int"
+                raise ValueError(f"BlockSparseLayout.{name}={value!r}: must be {allowed}")
+        num, idx = self.kv_num_blocks, self.kv_indices
+        for name, t, dim in (("kv_num_blocks", num, 3), ("kv_indices", idx, 4)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dim:
+                got = f"{t.dtype} tensor of {t.dim()} dims" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"BlockSparseLayout.{name} must be an int32 tensor of {dim} dims, got {got}")
+        if idx.shape[:3] != num.shape:
+            raise ValueError(
+                f"BlockSparseLayout: kv_indices {tuple(idx.shape)} must start with kv_num_blocks' shape {tuple(num.shape)}"
+            )
+        if num.device != idx.device:
+            raise ValueError(f"BlockSparseLayout: kv_num_blocks on {num.device} but kv_indices on {idx.device}")
+        if num.shape[2] != self.num_q_blocks:
+            raise ValueError(
+                f"BlockSparseLayout: {num.shape[2]} query-block rows, but q_len={self.q_len} with "
+                f"block_m={self.block_m} needs {self.num_q_blocks}"
+            )
+        if num.numel() == 0:
+            return
+        maxk = idx.shape[3]
+        if int(num.min()) < 0 or int(num.max()) > maxk:
+            raise ValueError(f"BlockSparseLayout.kv_num_blocks must lie in [0, {maxk}] (the width of kv_indices)")
+        slot = torch.arange(maxk, device=idx.device)
+        valid = slot < num[..., None].long()
+        if maxk and bool((idx[valid] < 0).any() | (idx[valid] >= self.num_kv_blocks).any()):
+            raise ValueError(
+                f"BlockSparseLayout.kv_indices: key-block ids must lie in [0, {self.num_kv_blocks}) "
+                f"(kv_len={self.kv_len}, block_n={self.block_n})"
+            )
+        if maxk and bool((idx[~valid] != -1).any()):
+            raise ValueError("BlockSparseLayout.kv_indices: entries past kv_num_blocks must be -1")
+        if maxk > 1 and bool(((idx[..., 1:] <= idx[..., :-1]) & valid[..., 1:]).any()):
+            raise ValueError("BlockSparseLayout.kv_indices: each row must be strictly ascending (no duplicates)")
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_q_blocks(self) -> int:
+        return _cdiv(self.q_len, self.block_m)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return _cdiv(self.kv_len, self.block_n)
+
+    @property
+    def num_heads(self) -> int:
+        """``Hl``, the head dimension of the layout (1 broadcasts over all heads)."""
+        return self.kv_num_blocks.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv_num_blocks.shape[0]
+
+    @property
+    def max_blocks(self) -> int:
+        """``MAXK``, the width of ``kv_indices``."""
+        return self.kv_indices.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    def __repr__(self) -> str:
+        b, h, nqb = self.kv_num_blocks.shape
+        return (
+            f"BlockSparseLayout(B={b}, Hl={h}, NQB={nqb}, NKB={self.num_kv_blocks}, MAXK={self.max_blocks}, "
+            f"block_m={self.block_m}, block_n={self.block_n}, q_len={self.q_len}, kv_len={self.kv_len}, "
+            f"density={self.density():.3f})"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_block_mask(
+        cls, mask: torch.Tensor, block_m: int, block_n: int, q_len: int, kv_len: int
+    ) -> BlockSparseLayout:
+        """Build from a dense bool ``mask [B, Hl, NQB, NKB]`` (True = the query block attends the key block)."""
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+            raise ValueError("from_block_mask: mask must be a bool tensor [B, Hl, NQB, NKB]")
+        nqb, nkb = _cdiv(q_len, block_m), _cdiv(kv_len, block_n)
+        if mask.shape[2:] != (nqb, nkb):
+            raise ValueError(
+                f"from_block_mask: mask has {tuple(mask.shape[2:])} blocks, but q_len={q_len}, kv_len={kv_len} "
+                f"with block_m={block_m}, block_n={block_n} need ({nqb}, {nkb})"
+            )
+        counts = mask.sum(-1, dtype=torch.int32)
+        maxk = int(counts.max()) if counts.numel() else 0
+        # Stable sort puts selected blocks first, in ascending block order.
+        order = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[..., :maxk]
+        slot = torch.arange(maxk, device=mask.device)
+        indices = torch.where(slot < counts[..., None], order, -1).to(torch.int32)
+        return cls(counts, indices.contiguous(), block_m, block_n, q_len, kv_len)
+
+    @classmethod
+    def from_topk(
+        cls,
+        indices: torch.Tensor,
+        block_m: int,
+        block_n: int,
+        q_len: int,
+        kv_len: int,
+        counts: torch.Tensor | None = None,
+    ) -> BlockSparseLayout:
+        """Build from chosen key-block ids ``indices [B, Hl, NQB, K]`` in any order.
+
+        ``counts [B, Hl, NQB]`` keeps only the first ``counts`` entries of each row; -1 entries are
+        ignored. Duplicates are merged. Ids outside ``[0, NKB)`` raise ``ValueError``.
+        """
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 4 or indices.is_floating_point():
+            raise ValueError("from_topk: indices must be an integer tensor [B, Hl, NQB, K]")
+        nkb = _cdiv(kv_len, block_n)
+        idx = indices.long()
+        keep = idx >= 0
+        if counts is not None:
+            if counts.shape != indices.shape[:3]:
+                raise ValueError(f"from_topk: counts {tuple(counts.shape)} must be {tuple(indices.shape[:3])}")
+            keep &= torch.arange(idx.shape[-1], device=idx.device) < counts[..., None].long()
+        if bool((idx[keep] >= nkb).any()):
+            raise ValueError(f"from_topk: block ids must lie in [0, {nkb}) (kv_len={kv_len}, block_n={block_n})")
+        mask = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
+        mask.scatter_(-1, torch.where(keep, idx, nkb), True)
+        return cls.from_block_mask(mask[..., :nkb], block_m, block_n, q_len, kv_len)
+
+    @classmethod
+    def static(
+        cls,
+        q_len: int,
+        kv_len: int,
+        block_m: int,
+        block_n: int,
+        sink_blocks: int = 0,
+        local_blocks: int = 0,
+        stride: int = 0,
+        causal: bool = False,
+        device: torch.device | str | None = None,
+    ) -> BlockSparseLayout:
+        """LongGen-style static pattern shared by all heads (``B = Hl = 1``).
+
+        Query block ``i`` is anchored at key block ``c_i``, the block holding the position of its last
+        query token (bottom-right aligned: position ``+ kv_len - q_len``). It selects key block ``j`` when
+
+        - ``j < sink_blocks`` (attention sink), or
+        - ``c_i - local_blocks < j <= c_i`` (causal) / ``|j - c_i| < local_blocks`` (non-causal), or
+        - ``stride > 0`` and ``(j + 1) % stride == 0`` (strided blocks at absolute positions),
+
+        and, when ``causal``, only if ``j <= c_i``.
+        """
+        for name, value in (("sink_blocks", sink_blocks), ("local_blocks", local_blocks), ("stride", stride)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"static: {name}={value!r} must be a non-negative int")
+        for name, value in (("block_m", block_m), ("block_n", block_n)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"static: {name}={value!r} must be a positive int")
+        nqb, nkb = _cdiv(q_len, block_m), _cdiv(kv_len, block_n)
+        i = torch.arange(nqb, device=device)
+        j = torch.arange(nkb, device=device)
+        last = torch.clamp((i + 1) * block_m, max=q_len) - 1 + (kv_len - q_len)
+        c = torch.div(last, block_n, rounding_mode="floor")[:, None]
+        jj = j[None, :]
+        local = (jj > c - local_blocks) & (jj <= c) if causal else (jj - c).abs() < local_blocks
+        mask = (jj < sink_blocks) | local
+        if stride > 0:
+            mask |= (jj + 1) % stride == 0
+        if causal:
+            mask &= jj <= c
+        return cls.from_block_mask(mask[None, None], block_m, block_n, q_len, kv_len)
+
+    # ----------------------------------------------------------------------------------------------
+    def to_block_mask(self) -> torch.Tensor:
+        """Dense bool ``[B, Hl, NQB, NKB]``."""
+        nkb = self.num_kv_blocks
+        idx = torch.where(self.kv_indices >= 0, self.kv_indices.long(), nkb)
+        mask = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
+        mask.scatter_(-1, idx, True)
+        return mask[..., :nkb]
+
+    def density(self) -> float:
+        """Fraction of (query block, key block) pairs selected, averaged over batch and heads."""
+        total = self.kv_num_blocks.numel() * self.num_kv_blocks
+        return float(self.kv_num_blocks.sum()) / total if total else 0.0
+
+    def transpose(self) -> BlockSparseLayout:
+        """Column lists: the layout of the transposed problem (rows = key blocks, ids = query blocks).
+
+        ``block_m``/``block_n`` and ``q_len``/``kv_len`` swap. Used by backward passes that walk, for
+        each key block, the query blocks that selected it (deterministic dK/dV without atomics).
+        """
+        return BlockSparseLayout.from_block_mask(
+            self.to_block_mask().transpose(-1, -2), self.block_n, self.block_m, self.kv_len, self.q_len
+        )
+
+    def to_flex_block_mask(self, mask_mod=None):
+        """A ``torch.nn.attention.flex_attention.BlockMask`` selecting the same blocks.
+
+        Requires ``block_m``/``block_n`` accepted by FlexAttention. ``mask_mod`` adds token-level
+        masking inside the selected blocks (e.g. causal); without it every selected block is full.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        nkb = self.num_kv_blocks
+        idx = torch.zeros(*self.kv_indices.shape[:3], nkb, dtype=torch.int32, device=self.device)
+        k = min(self.max_blocks, nkb)
+        idx[..., :k] = self.kv_indices[..., :k].clamp_min(0)
+        return BlockMask.from_kv_blocks(
+            self.kv_num_blocks.contiguous(),
+            idx,
+            BLOCK_SIZE=(self.block_m, self.block_n),
+            mask_mod=mask_mod,
+            seq_lengths=(self.q_len, self.kv_len),
+        )
+
+    def expand_heads(self, batch: int, heads: int) -> BlockSparseLayout:
+        """The same layout broadcast to ``[batch, heads, ...]`` (``Hl`` must be 1 or ``heads``)."""
+        b, h = self.kv_num_blocks.shape[:2]
+        if (b, h) == (batch, heads):
+            return self
+        if b not in (1, batch) or h not in (1, heads):
+            raise ValueError(f"layout with B={b}, Hl={h} cannot broadcast to B={batch}, H={heads}")
+        return BlockSparseLayout(
+            self.kv_num_blocks.expand(batch, heads, -1).contiguous(),
+            self.kv_indices.expand(batch, heads, -1, -1).contiguous(),
+            self.block_m,
+            self.block_n,
+            self.q_len,
+            self.kv_len,
+        )

@@ -1,0 +1,53 @@
+"""Reference backend: dense masked attention in fp32. The ground truth every other backend is tested against.
+
+It materialises the full ``[B, H, Sq, Skv]`` score matrix; use it on small inputs only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import BlockSparseLayout
+
+__all__ = ["dense_attention", "layout_token_mask"]
+
+
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention where ``allowed [B|1, H|1, Sq, Skv]`` (bool) says which keys each query may see.
+
+    ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]`` (GQA when Hq is a multiple of Hkv). Returns
+    ``out [B, Hq, Sq, D]`` in ``q.dtype`` and ``lse [B, Hq, Sq]`` fp32 (natural log). Rows with no
+    allowed key give zeros and ``lse = -inf``. Differentiable.
+    """
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), kf) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    dead = torch.isinf(lse)[..., None]
+    probs = torch.where(dead, 0.0, torch.exp(scores - torch.where(dead, 0.0, lse[..., None])))
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, vf)
+    return out.to(q.dtype), lse
+
+
+def layout_token_mask(
+    layout: BlockSparseLayout, token_mask: torch.Tensor | None = None, causal: bool = False
+) -> torch.Tensor:
+    """Token-level bool mask ``[B, Hl, Sq, Skv]`` that ``layout`` (and optional per-slot ``token_mask``
+    ``[B, Hl, Sq, MAXK]``) selects, with bottom-right causal masking when ``causal``."""
+    sq, skv = layout.q_len, layout.kv_len
+    qi = torch.arange(sq, device=layout.device)
+    kj = torch.arange(skv, device=layout.device)
+    rows = layout.kv_indices.long()[:, :, qi // layout.block_m]  # [B, Hl, Sq, MAXK]
+    slot_on = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_num_blocks[:, :, qi // layout.block_m, None]
+    if token_mask is not None:
+        slot_on = slot_on & token_mask
+    # allowed[b, h, i, j] = some enabled slot of row(i) names block j // block_n
+    hit = rows[..., None] == (kj // layout.block_n)  # [B, Hl, Sq, MAXK, Skv]
+    allowed = (hit & slot_on[..., None]).any(dim=3)
+    if causal:
+        allowed = allowed & (kj[None, :] <= qi[:, None] + (skv - sq))
+    return allowed

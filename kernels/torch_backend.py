@@ -1,0 +1,237 @@
+"""Torch backend: block-sparse attention in vectorised PyTorch, touching only the selected blocks.
+
+The CPU default. Query blocks are processed in cache-sized chunks: the chunk's selected key/value
+blocks are gathered into a reusable buffer, then scores, softmax and the value product run as
+batched matmuls on that buffer, so nothing of size ``Sq x Skv`` is ever formed. The ``G`` query
+heads of a GQA group that share a row list are stacked into one matmul (as in NSA / fla). Math is
+fp32. Backward recomputes the probabilities chunk by chunk (FlashAttention-2 style, arXiv
+2307.08691) and scatters dK/dV with ``index_add_``, which is deterministic on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import BlockSparseLayout
+
+__all__ = ["attend"]
+
+# Target number of fp32 score elements per chunk (4 MiB): large enough for efficient matmuls,
+# small enough that the chunk's scores stay in cache between matmul, softmax and matmul.
+_CHUNK_ELEMS = 1 << 20
+
+
+@dataclass
+class _Plan:
+    """Everything both passes need, derived once from the inputs.
+
+    A *unit* is one (batch, layout head, query block): ``R = G * block_m`` query rows that share one
+    row list of ``K`` key blocks (``L = K * block_n`` keys).
+    """
+
+    layout: BlockSparseLayout
+    group: int  # query heads per unit (G)
+    hkv: int
+    flat_blocks: torch.Tensor  # int64 [U * K], index into k viewed as [B * Hkv * NKB, block_n, D]
+    slot_on: torch.Tensor | None  # bool [U, R, K]: slot usable by the row (count, token mask)
+    key_pos: torch.Tensor | None  # int64 [U, 1, K, block_n]: key positions, when masking tokens
+    row_limit: torch.Tensor | None  # int64 [U, R, 1, 1]: last visible key position (causal)
+    dead: torch.Tensor | None  # bool [U, R]: rows that see no key
+    chunk: int
+    causal: bool
+    scale: float
+
+    @property
+    def units(self) -> int:
+        return self.flat_blocks.numel() // max(self.layout.max_blocks, 1)
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mask, causal: bool, scale: float) -> _Plan:
+    b, hq, sq, _ = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    hu = layout.num_heads
+    group = hq // hu  # G query heads per unit: Hq // Hkv when shared by a group, else 1
+    bm, bn, maxk = layout.block_m, layout.block_n, layout.max_blocks
+    nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
+    dev = q.device
+    idx = layout.kv_indices.long()
+    kv_head = torch.arange(hu, device=dev) // (hu // hkv)  # layout head -> kv head
+    base = (torch.arange(b, device=dev)[:, None] * hkv + kv_head[None, :]) * nkb  # [B, Hu]
+    flat_blocks = (base[:, :, None, None] + idx.clamp_min(0)).reshape(-1)
+
+    rows = group * bm
+    q_pos = torch.arange(nqb * bm, device=dev).view(nqb, 1, bm).expand(nqb, group, bm).reshape(nqb, rows)
+    need_counts = bool((layout.kv_num_blocks < maxk).any())
+    ragged_kv = skv % bn != 0
+    slot_on = None
+    if need_counts or token_mask is not None:
+        slot_on = (torch.arange(maxk, device=dev) < layout.kv_num_blocks[..., None]).view(-1, 1, maxk)
+        if token_mask is not None:
+            tm = torch.nn.functional.pad(token_mask, (0, 0, 0, nqb * bm - sq)).view(b, hu, nqb, 1, bm, maxk)
+            tm = tm.expand(b, hu, nqb, group, bm, maxk).reshape(-1, rows, maxk)
+            slot_on = slot_on & tm
+    key_pos = row_limit = None
+    if causal or ragged_kv:
+        key_pos = (idx.clamp_min(0)[..., None] * bn + torch.arange(bn, device=dev)).view(-1, 1, maxk, bn)
+    if causal:
+        row_limit = (q_pos + (skv - sq)).view(1, nqb, rows).expand(b * hu, nqb, rows).reshape(-1, rows, 1, 1)
+    # A row is dead when no usable slot has a visible first key (the first key of a block is its
+    # smallest position, so this is exact at block granularity).
+    visible = slot_on if slot_on is not None else torch.ones(1, 1, maxk, dtype=torch.bool, device=dev)
+    if causal:
+        visible = visible & (key_pos[:, :, :, 0] <= row_limit[:, :, :, 0])
+    dead = ~visible.any(-1) if maxk else torch.ones(b * hu * nqb, rows, dtype=torch.bool, device=dev)
+    dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
+    chunk = max(1, _CHUNK_ELEMS // max(1, rows * maxk * bn))
+    return _Plan(layout, group, hkv, flat_blocks, slot_on, key_pos, row_limit, dead, chunk, causal, scale)
+
+
+def _to_units(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``[B, Hq, Sq, D]`` -> fp32 ``[U, R, D]`` (rows of a unit: its G heads x block_m tokens)."""
+    lay = plan.layout
+    b, hq, sq, d = x.shape
+    nqb, bm = lay.num_q_blocks, lay.block_m
+    x = x.float()
+    if nqb * bm != sq:
+        x = torch.nn.functional.pad(x, (0, 0, 0, nqb * bm - sq))
+    x = x.view(b, hq // plan.group, plan.group, nqb, bm, d).transpose(2, 3)
+    return x.reshape(-1, plan.group * bm, d)
+
+
+def _from_units(x: torch.Tensor, plan: _Plan, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_to_units` (drops padded rows)."""
+    lay = plan.layout
+    b, hq, sq, d = shape
+    x = x.view(b, hq // plan.group, lay.num_q_blocks, plan.group, lay.block_m, d).transpose(2, 3)
+    return x.reshape(b, hq, -1, d)[:, :, :sq]
+
+
+def _kv_blocks(x: torch.Tensor, bn: int) -> torch.Tensor:
+    """``[B, Hkv, Skv, D]`` -> fp32 ``[B * Hkv * NKB, block_n, D]`` (zero-padded tail)."""
+    b, h, s, d = x.shape
+    pad = -s % bn
+    x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) if pad else x.float()
+    return x.reshape(-1, bn, d)
+
+
+def _probs(
+    plan: _Plan, s: slice, qc: torch.Tensor, kg: torch.Tensor, out: torch.Tensor, want_lse: bool = False
+) -> torch.Tensor | None:
+    """Write softmax probabilities ``[n, R, L]`` of the units in ``s`` into ``out``; optionally
+    return their log-sum-exp ``[n, R]``."""
+    torch.baddbmm(out, qc, kg.transpose(1, 2), beta=0.0, alpha=plan.scale, out=out)
+    n, rows, keys = out.shape
+    maxk = plan.layout.max_blocks
+    blocked = out.view(n, rows, maxk, keys // maxk)
+    if plan.slot_on is not None:
+        slot_on = plan.slot_on[s] if plan.slot_on.shape[0] > 1 else plan.slot_on
+        blocked.masked_fill_(~slot_on[..., None], float("-inf"))
+    if plan.key_pos is not None:
+        hidden = plan.key_pos[s] >= plan.layout.kv_len
+        if plan.row_limit is not None:
+            hidden = hidden | (plan.key_pos[s] > plan.row_limit[s])
+        blocked.masked_fill_(hidden, float("-inf"))
+    peak = out.amax(-1) if want_lse else None
+    torch.ops.aten._softmax.out(out, -1, False, out=out)
+    if plan.dead is not None:
+        out.masked_fill_(plan.dead[s, :, None], 0.0)
+    # max(p) = exp(max(score) - lse): the log-sum-exp without another pass over exp(scores).
+    return peak - torch.log(out.amax(-1)) if want_lse else None
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan, need_lse: bool):
+        lay = plan.layout
+        qu = _to_units(q, plan)
+        kb, vb = _kv_blocks(k, lay.block_n), _kv_blocks(v, lay.block_n)
+        units, rows, d = qu.shape
+        maxk, bn = lay.max_blocks, lay.block_n
+        out = torch.empty_like(qu)
+        lse = qu.new_empty(units, rows) if need_lse else None
+        n = min(plan.chunk, units)
+        kg = kb.new_empty(n * maxk, bn, d)
+        vg = kb.new_empty(n * maxk, bn, d)
+        p = kb.new_empty(n, rows, maxk * bn)
+        for start in range(0, units, n):
+            s = slice(start, min(start + n, units))
+            m = s.stop - s.start
+            fi = plan.flat_blocks[s.start * maxk : s.stop * maxk]
+            torch.index_select(kb, 0, fi, out=kg[: m * maxk])
+            torch.index_select(vb, 0, fi, out=vg[: m * maxk])
+            kc, vc, pc = kg[: m * maxk].view(m, maxk * bn, d), vg[: m * maxk].view(m, maxk * bn, d), p[:m]
+            part = _probs(plan, s, qu[s], kc, pc, want_lse=need_lse)
+            torch.bmm(pc, vc, out=out[s])
+            if need_lse:
+                lse[s] = part
+        if need_lse and plan.dead is not None:
+            lse.masked_fill_(plan.dead, float("-inf"))
+        ctx.plan, ctx.need_lse = plan, need_lse
+        ctx.save_for_backward(q, k, v, out)
+        o = _from_units(out, plan, q.shape).to(q.dtype)
+        lse_out = _from_units(lse[..., None], plan, (*q.shape[:3], 1))[..., 0] if need_lse else None
+        return o, lse_out
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        lay = plan.layout
+        qu = _to_units(q, plan)
+        do = _to_units(dout, plan)
+        kb, vb = _kv_blocks(k, lay.block_n), _kv_blocks(v, lay.block_n)
+        units, rows, d = qu.shape
+        maxk, bn = lay.max_blocks, lay.block_n
+        delta = (do * out).sum(-1)  # [U, R]
+        if dlse is not None:
+            delta = delta - _to_units(dlse.float()[..., None], plan)[..., 0]
+        dq = torch.empty_like(qu)
+        dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+        n = min(plan.chunk, units)
+        kg, vg = kb.new_empty(n * maxk, bn, d), kb.new_empty(n * maxk, bn, d)
+        p, dp = kb.new_empty(n, rows, maxk * bn), kb.new_empty(n, rows, maxk * bn)
+        dkg, dvg = kb.new_empty(n, maxk * bn, d), kb.new_empty(n, maxk * bn, d)
+        for start in range(0, units, n):
+            s = slice(start, min(start + n, units))
+            m = s.stop - s.start
+            fi = plan.flat_blocks[s.start * maxk : s.stop * maxk]
+            torch.index_select(kb, 0, fi, out=kg[: m * maxk])
+            torch.index_select(vb, 0, fi, out=vg[: m * maxk])
+            kc, vc = kg[: m * maxk].view(m, maxk * bn, d), vg[: m * maxk].view(m, maxk * bn, d)
+            pc, dpc = p[:m], dp[:m]
+            _probs(plan, s, qu[s], kc, pc)
+            torch.bmm(do[s], vc.transpose(1, 2), out=dpc)
+            dpc.sub_(delta[s, :, None]).mul_(pc)  # dS = P * (dP - delta)
+            torch.bmm(dpc, kc, out=dq[s]).mul_(plan.scale)
+            torch.bmm(dpc.transpose(1, 2), qu[s], out=dkg[:m]).mul_(plan.scale)
+            torch.bmm(pc.transpose(1, 2), do[s], out=dvg[:m])
+            dkb.index_add_(0, fi, dkg[:m].view(m * maxk, bn, d))
+            dvb.index_add_(0, fi, dvg[:m].view(m * maxk, bn, d))
+        skv = k.shape[2]
+        dk = dkb.view(k.shape[0], k.shape[1], -1, d)[:, :, :skv].to(k.dtype)
+        dv = dvb.view(v.shape[0], v.shape[1], -1, d)[:, :, :skv].to(v.dtype)
+        return _from_units(dq, plan, q.shape).to(q.dtype), dk, dv, None, None
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockSparseLayout,
+    token_mask: torch.Tensor | None,
+    *,
+    causal: bool,
+    scale: float,
+    need_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block-sparse attention; ``layout`` broadcast to ``[B, Hu]`` with ``Hu`` in ``{Hkv, Hq}``.
+
+    Returns ``out [B, Hq, Sq, D]`` (``q.dtype``) and ``lse [B, Hq, Sq]`` fp32 when ``need_lse``.
+    """
+    if layout.max_blocks == 0:  # every row is empty: give the rows one unused slot
+        pad = layout.kv_indices.new_full((*layout.kv_indices.shape[:3], 1), -1)
+        layout = BlockSparseLayout(layout.kv_num_blocks, pad, layout.block_m, layout.block_n, layout.q_len, layout.kv_len)
+    plan = _plan(q, k, layout, token_mask, causal, scale)
+    return _BlockSparse.apply(q, k, v, plan, need_lse)

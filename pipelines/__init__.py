@@ -1,0 +1,1 @@
+"""diffusers video pipelines with vzoo sparse attention."""

@@ -1,0 +1,71 @@
+"""Independent ground truth for kernel tests: token masks built with plain loops, softmax in float64.
+
+Nothing here imports vzoo's own mask builders or reference backend, so the backends (the reference one
+included) are checked against code that shares none of their logic.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def loop_mask(kv_num_blocks, kv_indices, block_m, block_n, q_len, kv_len, causal, token_mask=None):
+    """bool [B, Hl, Sq, Skv] from row lists, one query block and one slot at a time."""
+    b, h, nqb = kv_num_blocks.shape
+    allowed = torch.zeros(b, h, q_len, kv_len, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for r in range(nqb):
+                q0, q1 = r * block_m, min((r + 1) * block_m, q_len)
+                for s in range(int(kv_num_blocks[bi, hi, r])):
+                    j = int(kv_indices[bi, hi, r, s])
+                    k0, k1 = j * block_n, min((j + 1) * block_n, kv_len)
+                    if token_mask is None:
+                        allowed[bi, hi, q0:q1, k0:k1] = True
+                    else:
+                        for i in range(q0, q1):
+                            if token_mask[bi, hi, i, s]:
+                                allowed[bi, hi, i, k0:k1] = True
+    if causal:
+        for i in range(q_len):
+            allowed[..., i, max(0, i + kv_len - q_len + 1) :] = False
+    return allowed
+
+
+def naive_attention(q, k, v, allowed, scale=None):
+    """float64 masked softmax attention; empty rows give 0 and -inf. Returns (out, lse)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    g = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(g, 1)
+    v = v.double().repeat_interleave(g, 1)
+    if allowed.shape[1] not in (1, q.shape[1]):
+        allowed = allowed.repeat_interleave(q.shape[1] // allowed.shape[1], 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    e = torch.exp(s - m)
+    z = e.sum(-1, keepdim=True)
+    empty = z == 0
+    z = torch.where(empty, torch.ones_like(z), z)
+    lse = torch.where(empty, float("-inf"), m + torch.log(z)).squeeze(-1)
+    p = e / z
+    return p @ v, lse
+
+
+def rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.detach().double(), got.detach().double()
+    return float((ref - got).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """The independent ground-truth helpers, as a namespace."""
+
+    class Oracle:
+        mask = staticmethod(loop_mask)
+        attention = staticmethod(naive_attention)
+        rel_rms = staticmethod(rel_rms)
+
+    return Oracle

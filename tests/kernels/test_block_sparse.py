@@ -1,0 +1,206 @@
+"""block_sparse_attention: every CPU backend against the independent oracle (forward, lse, gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vzoo.kernels as vk
+from vzoo.kernels import BlockSparseLayout
+
+# (B, Hq, Hkv, Sq, Skv, D, block_m, block_n, layout heads, density)
+CASES = {
+    "square": (1, 2, 2, 64, 64, 16, 16, 16, 2, 0.5),
+    "ragged": (2, 2, 2, 100, 77, 16, 16, 32, 2, 0.5),
+    "gqa_shared": (2, 4, 2, 96, 96, 16, 32, 16, 2, 0.4),
+    "gqa_per_head": (1, 4, 2, 70, 90, 8, 16, 16, 4, 0.4),
+    "one_layout_head": (2, 4, 1, 50, 130, 16, 32, 16, 1, 0.3),
+    "sparse_empty_rows": (1, 2, 2, 80, 80, 16, 16, 16, 2, 0.1),
+}
+
+
+def make_problem(case, dtype=torch.float32, seed=0):
+    b, hq, hkv, sq, skv, d, bm, bn, hl, p = case
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, skv, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, skv, d, generator=g).to(dtype)
+    mask = torch.rand(b, hl, -(-sq // bm), -(-skv // bn), generator=g) < p
+    return q, k, v, BlockSparseLayout.from_block_mask(mask, bm, bn, sq, skv)
+
+
+def loss_of(out, lse):
+    """A loss that weights every output element differently and also pulls on the lse."""
+    w = torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)
+    return (out.double() * w).sum() + torch.where(torch.isinf(lse), 0.0, lse.double()).sum()
+
+
+def run_with_grads(fn, q, k, v):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    grads = torch.autograd.grad(loss_of(out, lse), (q, k, v))
+    return (out, lse, *grads)
+
+
+def oracle_run(oracle, q, k, v, layout, causal, token_mask=None):
+    allowed = oracle.mask(
+        layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n,
+        layout.q_len, layout.kv_len, causal, token_mask,
+    )
+    return run_with_grads(lambda q, k, v: oracle.attention(q, k, v, allowed), q.double(), k.double(), v.double())
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_oracle_fp32(oracle, backend, causal, case):
+    q, k, v, layout = make_problem(case)
+    got = run_with_grads(
+        lambda q, k, v: vk.block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True, backend=backend),
+        q, k, v,
+    )
+    want = oracle_run(oracle, q, k, v, layout, causal)
+    for name, w, g in zip(("out", "lse", "dq", "dk", "dv"), want, got):
+        assert g.shape == w.shape, name
+        assert torch.equal(torch.isinf(g), torch.isinf(w)), name
+        fin = ~torch.isinf(w)
+        assert torch.isfinite(g[fin]).all(), name
+        assert (g[fin].double() - w[fin]).abs().max() < 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_backend_half_precision(oracle, dtype):
+    q, k, v, layout = make_problem(CASES["gqa_shared"], dtype)
+    got = run_with_grads(
+        lambda q, k, v: vk.block_sparse_attention(q, k, v, layout, causal=True, return_lse=True, backend="torch"),
+        q, k, v,
+    )
+    want = oracle_run(oracle, q, k, v, layout, True)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    tol = {torch.float16: 5e-3, torch.bfloat16: 2e-2}[dtype]
+    for name, w, g in zip(("out", "lse", "dq", "dk", "dv"), want, got):
+        fin = ~torch.isinf(w)
+        assert oracle.rel_rms(w[fin], g[fin]) < tol * (1 if name in ("out", "lse") else 2), name
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_blocks_selected_equals_sdpa(backend, causal):
+    b, h, s, d, blk = 2, 3, 96, 32, 32
+    q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+    layout = BlockSparseLayout.from_block_mask(torch.ones(1, 1, 3, 3, dtype=torch.bool), blk, blk, s, s)
+    got = vk.block_sparse_attention(q, k, v, layout, causal=causal, backend=backend)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_empty_rows_give_zeros_and_minus_inf(backend):
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(1, 1, 3, 3, dtype=torch.bool)
+    mask[0, 0, 1, 2] = True  # only query block 1 sees anything
+    layout = BlockSparseLayout.from_block_mask(mask, 16, 16, 40, 40)
+    out, lse = vk.block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
+    assert torch.all(out[:, :, :16] == 0) and torch.all(out[:, :, 32:] == 0)
+    assert torch.all(torch.isneginf(lse[:, :, :16])) and torch.all(torch.isneginf(lse[:, :, 32:]))
+    assert torch.isfinite(lse[:, :, 16:32]).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.all(q.grad[:, :, :16] == 0)
+
+
+def test_causal_with_more_queries_than_keys_empties_early_rows():
+    q = torch.randn(1, 1, 48, 16)
+    k, v = torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16)
+    layout = BlockSparseLayout.from_block_mask(torch.ones(1, 1, 3, 2, dtype=torch.bool), 16, 16, 48, 32)
+    out, lse = vk.block_sparse_attention(q, k, v, layout, causal=True, return_lse=True, backend="torch")
+    # bottom-right alignment: query i sees keys j <= i - 16, so the first 16 queries see nothing
+    assert torch.all(torch.isneginf(lse[..., :16])) and torch.all(out[..., :16, :] == 0)
+    want = F.scaled_dot_product_attention(q[..., 16:, :], k, v, is_causal=True)
+    torch.testing.assert_close(out[..., 16:, :], want, atol=2e-5, rtol=1e-4)
+
+
+def test_default_backend_and_use_backend():
+    q, k, v, layout = make_problem(CASES["square"])
+    ref = vk.block_sparse_attention(q, k, v, layout, backend="reference")
+    torch.testing.assert_close(vk.block_sparse_attention(q, k, v, layout), ref, atol=1e-5, rtol=1e-5)
+    q.requires_grad_()
+    with vk.use_backend("flex"):  # the override is what backend=None resolves to ...
+        with pytest.raises(RuntimeError, match="backend 'flex' cannot run"):
+            vk.block_sparse_attention(q, k, v, layout)
+        vk.block_sparse_attention(q, k, v, layout, backend="torch")  # ... an explicit backend wins
+    vk.block_sparse_attention(q, k, v, layout)  # and it ends with the block
+    with pytest.raises(ValueError, match="unknown backend"):
+        with vk.use_backend("cuda-magic"):
+            pass
+
+
+def test_unavailable_backend_says_why():
+    q, k, v, layout = make_problem(CASES["square"])
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="no backward pass on CPU"):
+        vk.block_sparse_attention(q, k, v, layout, backend="flex")
+    with pytest.raises(RuntimeError, match="log-sum-exp"):
+        vk.block_sparse_attention(q.detach(), k, v, layout, backend="flex", return_lse=True)
+
+
+@pytest.mark.slow
+def test_flex_backend_forward_matches_oracle(oracle):
+    """Compiled FlexAttention (forward only on CPU) on GQA, ragged and causal; one compile per case."""
+    for case, causal in ((CASES["gqa_shared"], True), (CASES["ragged"], False)):
+        q, k, v, layout = make_problem(case)
+        got = vk.block_sparse_attention(q, k, v, layout, causal=causal, backend="flex")
+        want = oracle_run(oracle, q, k, v, layout, causal)[0]
+        assert (got.double() - want).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs_raise_value_errors():
+    q, k, v, layout = make_problem(CASES["square"])
+    with pytest.raises(ValueError, match="4-D"):
+        vk.block_sparse_attention(q[0], k, v, layout)
+    with pytest.raises(ValueError, match="dtype"):
+        vk.block_sparse_attention(q.double(), k.double(), v.double(), layout)
+    with pytest.raises(ValueError, match="share a dtype"):
+        vk.block_sparse_attention(q.half(), k, v, layout)
+    with pytest.raises(ValueError, match="same shape"):
+        vk.block_sparse_attention(q, k, v[:, :, :32], layout)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        vk.block_sparse_attention(torch.randn(1, 3, 64, 16), k, v, layout)
+    with pytest.raises(ValueError, match="head dims differ"):
+        vk.block_sparse_attention(torch.randn(1, 2, 64, 8), k, v, layout)
+    with pytest.raises(ValueError, match="q_len=64, kv_len=64"):
+        vk.block_sparse_attention(q[:, :, :48], k, v, layout)
+    with pytest.raises(ValueError, match="layout batch"):
+        vk.block_sparse_attention(q, k, v, layout.expand_heads(3, 2))
+    with pytest.raises(ValueError, match="BlockSparseLayout"):
+        vk.block_sparse_attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="layout has 3 heads"):
+        three = BlockSparseLayout.from_block_mask(torch.ones(1, 3, 4, 4, dtype=torch.bool), 16, 16, 64, 64)
+        vk.block_sparse_attention(q, k, v, three)
+
+
+def test_invalid_layouts_raise_value_errors():
+    num = torch.tensor([[[1, 2]]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"key-block ids must lie in \[0, 2\)"):
+        BlockSparseLayout(num, torch.tensor([[[[0, -1], [0, 5]]]], dtype=torch.int32), 16, 16, 32, 32)
+    with pytest.raises(ValueError, match="ascending"):
+        BlockSparseLayout(num, torch.tensor([[[[0, -1], [1, 0]]]], dtype=torch.int32), 16, 16, 32, 32)
+    with pytest.raises(ValueError, match="past kv_num_blocks must be -1"):
+        BlockSparseLayout(num, torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.int32), 16, 16, 32, 32)
+    with pytest.raises(ValueError, match="int32"):
+        BlockSparseLayout(num.long(), torch.zeros(1, 1, 2, 2, dtype=torch.int32), 16, 16, 32, 32)
+    with pytest.raises(ValueError, match="needs 3"):
+        BlockSparseLayout(num, torch.tensor([[[[0, -1], [0, 1]]]], dtype=torch.int32), 16, 16, 40, 32)
+    with pytest.raises(ValueError, match="block_m"):
+        BlockSparseLayout(num, torch.tensor([[[[0, -1], [0, 1]]]], dtype=torch.int32), 0, 16, 32, 32)
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        BlockSparseLayout(num + 2, torch.tensor([[[[0, -1], [0, 1]]]], dtype=torch.int32), 16, 16, 32, 32)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\)"):
+        BlockSparseLayout.from_topk(torch.tensor([[[[0], [2]]]]), 16, 16, 32, 32)
+    with pytest.raises(ValueError, match="need"):
+        BlockSparseLayout.from_block_mask(torch.ones(1, 1, 2, 3, dtype=torch.bool), 16, 16, 32, 32)
