@@ -41,13 +41,15 @@ def layout_token_mask(
     sq, skv = layout.q_len, layout.kv_len
     qi = torch.arange(sq, device=layout.device)
     kj = torch.arange(skv, device=layout.device)
-    rows = layout.kv_indices.long()[:, :, qi // layout.block_m]  # [B, Hl, Sq, MAXK]
-    slot_on = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_num_blocks[:, :, qi // layout.block_m, None]
+    row = qi // layout.block_m
+    blocks = layout.kv_indices.long()[:, :, row]  # [B, Hl, Sq, MAXK]: each token's row
+    on = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_num_blocks[:, :, row, None]
     if token_mask is not None:
-        slot_on = slot_on & token_mask
-    # allowed[b, h, i, j] = some enabled slot of row(i) names block j // block_n
-    hit = rows[..., None] == (kj // layout.block_n)  # [B, Hl, Sq, MAXK, Skv]
-    allowed = (hit & slot_on[..., None]).any(dim=3)
+        on = on & token_mask
+    nkb = layout.num_kv_blocks
+    per_token = torch.zeros(*blocks.shape[:3], nkb + 1, dtype=torch.bool, device=layout.device)
+    per_token.scatter_(-1, torch.where(on, blocks, nkb), True)  # [B, Hl, Sq, NKB + 1]
+    allowed = per_token[..., kj // layout.block_n]
     if causal:
         allowed = allowed & (kj[None, :] <= qi[:, None] + (skv - sq))
     return allowed

@@ -33,6 +33,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_TILE = 64
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+_LOG2E_K = tl.constexpr(_LOG2E)  # the same constant, readable inside kernels
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +121,7 @@ def _fwd_kernel(
 
     live = l_i > 0.0
     out = acc / tl.where(live, l_i, 1.0)[:, None]
-    lse = tl.where(live, (m_i + tl.log2(tl.where(live, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(live, (m_i + tl.log2(tl.where(live, l_i, 1.0))) / _LOG2E_K, float("-inf"))
     bh_row = (b * H + h) * SQ + rows
     tl.store(O + bh_row[:, None] * HEAD_D + d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -208,7 +209,7 @@ def _dkdv_kernel(
                         q = tl.load(q_base + rows[:, None] * s_qm + d[None, :] * s_qd, mask=q_mask, other=0.0)
                         do = tl.load(do_base + rows[:, None] * s_om + d[None, :] * s_od, mask=q_mask, other=0.0)
                         lse = tl.load(LSE + stat_base + rows, mask=row_ok, other=0.0)
-                        lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+                        lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_K)
                         delta = tl.load(DELTA + stat_base + rows, mask=row_ok, other=0.0)
                         use = row_ok
                         if HAS_TOKEN_MASK:
@@ -263,7 +264,7 @@ def _dq_kernel(
     do = tl.load(DO + b * s_ob + h * s_oh + rows[:, None] * s_om + d[None, :] * s_od, mask=q_mask, other=0.0)
     bh_row = (b * H + h) * SQ + rows
     lse = tl.load(LSE + bh_row, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_K)
     delta = tl.load(DELTA + bh_row, mask=row_ok, other=0.0)
     k_base = K + b * s_kb + hkv * s_kh
     v_base = V + b * s_vb + hkv * s_vh
@@ -312,7 +313,8 @@ def _tile(block: int) -> tuple[int, int]:
     return tile, triton.cdiv(block, tile)
 
 
-def _flags(q: Tensor) -> dict:
+def _flags(q: Tensor) -> dict[str, object]:
+    """Compile-time flags: fp32 upcast before ``tl.dot`` under the interpreter, IEEE fp32 dots."""
     return {
         "UPCAST": _INTERPRET,
         "PREC": "ieee" if q.dtype == torch.float32 else None,
@@ -442,21 +444,21 @@ def _bwd_impl(
     return dq, dk, dv
 
 
-def _fwd_fake(q, k, v, kv_num_blocks, kv_indices, token_mask, block_m, block_n, causal, scale):
+def _fwd_fake(q: Tensor, k: Tensor, v: Tensor, *_) -> tuple[Tensor, Tensor]:
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _bwd_fake(dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, token_mask, block_m, block_n, causal, scale):
+def _bwd_fake(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, *_) -> tuple[Tensor, Tensor, Tensor]:
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     q, k, v, kv_num_blocks, kv_indices, token_mask, block_m, block_n, causal, scale = inputs
     ctx.save_for_backward(q, k, v, *output, kv_num_blocks, kv_indices, token_mask)
     ctx.meta = (block_m, block_n, causal, scale)
 
 
-def _backward(ctx, dout: Tensor | None, dlse: Tensor | None):
+def _backward(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
     q, k, v, out, lse, kv_num_blocks, kv_indices, token_mask = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = torch.zeros_like(lse) if dlse is None else dlse
@@ -511,9 +513,10 @@ def attend(
         raise ValueError(
             f"triton backend: layout broadcast to B={lb}, H={hu}; expected B={bsz} and H in ({hkv}, {hq})"
         )
-    if token_mask is not None and (token_mask.dtype != torch.bool or token_mask.shape != (bsz, hu, q.shape[2], layout.max_blocks)):
+    mask_shape = (bsz, hu, q.shape[2], layout.max_blocks)
+    if token_mask is not None and (token_mask.dtype != torch.bool or token_mask.shape != mask_shape):
         raise ValueError(
-            f"triton backend: token_mask must be bool {(bsz, hu, q.shape[2], layout.max_blocks)}, got "
+            f"triton backend: token_mask must be bool {mask_shape}, got "
             f"{token_mask.dtype} {tuple(token_mask.shape)}"
         )
     out, lse = torch.ops.vzoo.block_sparse_fwd(

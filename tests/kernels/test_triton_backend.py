@@ -159,7 +159,8 @@ def test_fp32_ragged_gqa(causal, per_query_head):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("per_query_head", [False, True], ids=["hl=hkv", "hl=hq"])
 def test_fp32_token_mask(causal, per_query_head):
-    compare({"shape": RAGGED, "blocks": (16, 32), "causal": causal, "token_mask": True, "hl": 4 if per_query_head else 2})
+    hl = 4 if per_query_head else 2
+    compare({"shape": RAGGED, "blocks": (16, 32), "causal": causal, "token_mask": True, "hl": hl})
 
 
 @pytest.mark.parametrize(
@@ -255,7 +256,9 @@ def test_backward_is_deterministic():
     token_mask = torch.rand(1, 2, 64, layout.max_blocks, generator=torch.Generator().manual_seed(11)) < 0.7
 
     def run():
-        out, lse = run_attention(q, k, v, layout, token_mask, causal=True, scale=0.25, return_lse=True, backend="triton")
+        out, lse = run_attention(
+            q, k, v, layout, token_mask, causal=True, scale=0.25, return_lse=True, backend="triton"
+        )
         return (out, lse, *grads_of(q, k, v, out, lse, seed=12))
 
     for a, b in zip(run(), run()):

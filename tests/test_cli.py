@@ -1,0 +1,64 @@
+"""The vzoo command and the benchmark helpers behind it, on tiny shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vzoo import bench
+from vzoo.cli import main
+from vzoo.registry import OPS, Method, methods, register_method
+
+
+def test_list_shows_ops_and_backends(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for op in OPS:
+        assert op in out
+    assert "cpu: runs with reference, torch" in out
+    assert "flex (forward only)" in out
+
+
+def test_bench_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["bench", "--repeats", "0"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "tpu"])
+
+
+def test_kernel_rows_measure_and_check_tiny_case(tmp_path):
+    rows = bench.kernel_rows([256], [2], block=64, heads=2, head_dim=16, repeats=1, flex=False, progress=False)
+    assert {(r.mode, r.provider) for r in rows} == {("fwd", "sdpa"), ("fwd", "vzoo"), ("fwd+bwd", "sdpa"), ("fwd+bwd", "vzoo")}
+    by = {(r.mode, r.provider): r for r in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        assert by[mode, "sdpa"].speedup == 1.0
+        assert by[mode, "vzoo"].speedup == pytest.approx(by[mode, "sdpa"].ms / by[mode, "vzoo"].ms)
+    assert rows[0].density == pytest.approx(0.5)
+    assert by["fwd", "vzoo"].max_abs_err < 1e-4
+    verdicts = bench.check_bar(rows)
+    assert len(verdicts) == 2 and all(v.split()[0] in ("PASS", "FAIL") for v in verdicts)
+    assert "fwd vs sdpa" in verdicts[0] and "fwd+bwd vs sdpa" in verdicts[1]
+    png = tmp_path / "k.png"
+    bench.save_plot(rows, str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "vzoo" in bench.format_table(rows)
+
+
+def test_random_layout_density():
+    lay = bench.random_layout(1, 2, 1024, 64, 4, torch.device("cpu"))
+    assert torch.all(lay.kv_num_blocks == 4) and lay.density() == pytest.approx(4 / 16)
+
+
+def test_registry_validates_methods(monkeypatch):
+    import vzoo.registry
+
+    monkeypatch.setattr(vzoo.registry, "_METHODS", {})
+    with pytest.raises(ValueError, match="unknown ops"):
+        Method("x", "paper", "0000.00000", "vision", ("no_such_op",), "ok")
+    with pytest.raises(ValueError, match="modality"):
+        Method("x", "paper", "0000.00000", "audio", ("block_sparse_attention",), "ok")
+    m = Method("test_method_only", "paper", "0000.00000", "vision", ("block_sparse_attention",), "ok")
+    register_method(m)
+    assert m in methods()
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(m)

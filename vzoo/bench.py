@@ -1,0 +1,194 @@
+"""Benchmarks of vzoo ops against what a user would pick instead, measured in one process.
+
+Block-sparse attention is timed against dense ``scaled_dot_product_attention`` and compiled
+FlexAttention driven by the same layout (compile time excluded, reported separately). Every figure
+is a median over repeats; speed-ups are ratios of medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vzoo.kernels import BlockSparseLayout, block_sparse_attention
+
+__all__ = ["Row", "median_ms", "random_layout", "kernel_rows", "format_table", "check_bar", "save_plot"]
+
+
+@dataclass
+class Row:
+    seq_len: int
+    blocks: int  # selected key blocks per query block
+    density: float
+    mode: str  # "fwd" | "fwd+bwd"
+    provider: str  # "sdpa" | "flex" | "vzoo"
+    ms: float
+    speedup: float  # sdpa time / this time, same mode
+    tflops: float  # useful (selected-block) FLOPs per second
+    max_abs_err: float | None = None  # vs the reference backend (only where affordable)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def random_layout(
+    batch: int, heads: int, seq_len: int, block: int, blocks: int, device: torch.device, seed: int = 0
+) -> BlockSparseLayout:
+    """``blocks`` key blocks chosen uniformly at random for every (batch, head, query block)."""
+    nb = -(-seq_len // block)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(batch, heads, nb, nb, generator=g).argsort(-1)[..., :blocks]
+    return BlockSparseLayout.from_topk(idx.to(device), block, block, seq_len, seq_len)
+
+
+def _flex_fn(layout: BlockSparseLayout) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    block_mask = layout.to_flex_block_mask()
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def kernel_rows(
+    seq_lens: Sequence[int],
+    blocks: Sequence[int],
+    *,
+    batch: int = 1,
+    heads: int = 4,
+    head_dim: int = 64,
+    block: int = 128,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    backward: bool = True,
+    flex: bool = True,
+    repeats: int = 5,
+    check_error: bool = True,
+    progress: bool = True,
+) -> list[Row]:
+    """Time dense SDPA, compiled FlexAttention and vzoo's default backend on random layouts."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    rows: list[Row] = []
+    cases = [(s, b) for s in seq_lens for b in blocks]
+    for seq_len, nsel in tqdm(cases, desc="block-sparse attention", disable=not progress, file=sys.stderr):
+        g = torch.Generator(device=device).manual_seed(seq_len)
+        q, k, v = (torch.randn(batch, heads, seq_len, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+        layout = random_layout(batch, heads, seq_len, block, nsel, device)
+        density = layout.density()
+        useful = 4.0 * batch * heads * head_dim * float(layout.kv_num_blocks.sum()) * block * block
+        providers: dict[str, Callable] = {
+            "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+            "vzoo": lambda q, k, v: block_sparse_attention(q, k, v, layout),
+        }
+        if flex:
+            start = time.perf_counter()
+            providers["flex"] = _flex_fn(layout)
+            with torch.no_grad():
+                providers["flex"](q, k, v)
+            _sync(device)
+            print(f"  flex compile S={seq_len}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        modes = ["fwd", "fwd+bwd"] if backward else ["fwd"]
+        for mode in modes:
+            times: dict[str, float] = {}
+            for name, fn in providers.items():
+                if mode == "fwd":
+                    with torch.no_grad():
+                        times[name] = median_ms(lambda: fn(q, k, v), device, repeats)
+                elif name != "flex" or device.type == "cuda":  # FlexAttention has no CPU backward
+                    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                    do = torch.randn_like(q)
+                    times[name] = median_ms(lambda: fn(qg, kg, vg).backward(do), device, max(1, repeats // 2))
+            flops = useful * (3.5 if mode == "fwd+bwd" else 1.0)
+            for name, ms in times.items():
+                rows.append(Row(seq_len, nsel, density, mode, name, ms, times["sdpa"] / ms, flops / ms / 1e9))
+        if check_error and seq_len <= 8192:  # the dense reference needs O(S^2) memory
+            with torch.no_grad():
+                got = block_sparse_attention(q, k, v, layout).float()
+                ref = block_sparse_attention(q, k, v, layout, backend="reference").float()
+            err = float((got - ref).abs().max())
+            for row in rows:
+                if (row.seq_len, row.blocks, row.provider) == (seq_len, nsel, "vzoo"):
+                    row.max_abs_err = err
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    head = f"{'S':>7} {'blocks':>6} {'density':>7} {'mode':>8} {'provider':>8} {'ms':>10} {'x sdpa':>7} {'TFLOP/s':>8} {'max err':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        err = f"{r.max_abs_err:9.1e}" if r.max_abs_err is not None else f"{'':>9}"
+        lines.append(
+            f"{r.seq_len:>7} {r.blocks:>6} {r.density:>7.3f} {r.mode:>8} {r.provider:>8} {r.ms:>10.2f} "
+            f"{r.speedup:>7.2f} {r.tflops:>8.3f} {err}"
+        )
+    return "\n".join(lines)
+
+
+def check_bar(rows: Sequence[Row], fwd_vs_sdpa: float = 6.0, fwd_vs_flex: float = 0.9, fb_vs_sdpa: float = 4.0) -> list[str]:
+    """The kernel-layer bar on each (S, blocks) case: lines ``PASS|FAIL name: measured (needed)``."""
+    out = []
+    for key in sorted({(r.seq_len, r.blocks) for r in rows}):
+        get = {(r.mode, r.provider): r for r in rows if (r.seq_len, r.blocks) == key}
+        checks = []
+        if ("fwd", "vzoo") in get:
+            checks.append(("fwd vs sdpa", get["fwd", "vzoo"].speedup, fwd_vs_sdpa))
+        if ("fwd", "flex") in get:
+            checks.append(("fwd vs compiled flex", get["fwd", "flex"].ms / get["fwd", "vzoo"].ms, fwd_vs_flex))
+        if ("fwd+bwd", "vzoo") in get:
+            checks.append(("fwd+bwd vs sdpa", get["fwd+bwd", "vzoo"].speedup, fb_vs_sdpa))
+        for name, got, need in checks:
+            verdict = "PASS" if got >= need else "FAIL"
+            out.append(f"{verdict} S={key[0]} blocks={key[1]} {name}: {got:.2f}x (bar {need}x)")
+    return out
+
+
+def save_plot(rows: Sequence[Row], path: str) -> None:
+    """Latency against sequence length, one panel per mode, one line per provider and density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r.mode for r in rows}, key=len)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for prov in ("sdpa", "flex", "vzoo"):
+            for nsel in sorted({r.blocks for r in rows}):
+                pts = sorted((r.seq_len, r.ms, r.density) for r in rows if (r.mode, r.provider, r.blocks) == (mode, prov, nsel))
+                if not pts or (prov == "sdpa" and nsel != min(r.blocks for r in rows)):
+                    continue  # dense attention does not depend on the layout: draw it once
+                label = prov if prov == "sdpa" else f"{prov} {pts[-1][2]:.1%}"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="ms (median)", title=mode)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def rows_as_dicts(rows: Sequence[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]

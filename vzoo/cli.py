@@ -1,0 +1,76 @@
+"""The ``vzoo`` command: ``vzoo list`` shows what the zoo holds, ``vzoo bench`` measures it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+
+def _list(_: argparse.Namespace) -> int:
+    from vzoo.kernels import backend_status
+    from vzoo.registry import OPS, methods
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    status = {d: backend_status(d) for d in devices}
+    training = {d: backend_status(d, needs_grad=True) for d in devices}
+    print("ops (vzoo.kernels):")
+    for name, (doc, backends) in OPS.items():
+        print(f"  {name}: {doc}")
+        for dev in devices:
+            runs = [b if training[dev][b] is None else f"{b} (forward only)" for b in backends if status[dev][b] is None]
+            print(f"    {dev}: runs with {', '.join(runs) or 'none'}")
+    print("backends that cannot run here:")
+    for dev in devices:
+        for b, why in status[dev].items():
+            if why is not None:
+                print(f"  {b} on {dev}: {why}")
+    found = methods()
+    print("methods:" if found else "methods: none registered yet")
+    for m in found:
+        print(f"  {m.name} [{m.modality}] {m.paper} (arXiv {m.arxiv}) ops={','.join(m.ops)} {m.status}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from vzoo.bench import check_bar, format_table, kernel_rows, save_plot
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if args.quick:
+        seq_lens, blocks = [8192], [6]
+    else:
+        seq_lens, blocks = [2048, 4096, 8192, 16384], [3, 6, 16]
+    print(f"block-sparse attention: B=1 H=4 D=64 block=128 {args.dtype} on {device}, median of {args.repeats}")
+    rows = kernel_rows(seq_lens, blocks, device=device, dtype=dtype, repeats=args.repeats)
+    print(format_table(rows))
+    verdicts = check_bar(rows)
+    print("\n".join(verdicts))
+    if args.plot:
+        save_plot(rows, args.plot)
+        print(f"plot saved to {args.plot}")
+    return 0 if all(v.startswith("PASS") for v in verdicts) or not args.strict else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vzoo", description="vzoo: attention modules for vision and video")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="what the zoo holds and which backends run here").set_defaults(func=_list)
+    bench = sub.add_parser("bench", help="benchmark vzoo ops against dense SDPA and compiled FlexAttention")
+    bench.add_argument("--quick", action="store_true", help="only the headline case (S=8192, 6 of 64 blocks)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    bench.add_argument("--plot", metavar="PNG", help="save a latency plot here")
+    bench.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
+    bench.set_defaults(func=_bench)
+    args = parser.parse_args(argv)
+    if getattr(args, "repeats", 1) < 1:
+        parser.error("--repeats must be at least 1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The vzoo registry: the ops of ``vzoo.kernels`` and the attention methods built on them.
+
+``vzoo list`` and ``vzoo bench`` read it. A method is registered only once it works end to end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Method", "OPS", "register_method", "methods"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One attention method of the zoo."""
+
+    name: str
+    paper: str
+    arxiv: str
+    modality: str  # "vision" | "video" | "language"
+    ops: tuple[str, ...]  # names from OPS that it uses
+    status: str  # e.g. "exact, tested"
+
+    def __post_init__(self) -> None:
+        unknown = [op for op in self.ops if op not in OPS]
+        if unknown:
+            raise ValueError(f"Method {self.name!r} uses unknown ops {unknown}; known: {sorted(OPS)}")
+        if self.modality not in ("vision", "video", "language"):
+            raise ValueError(f"Method {self.name!r}: modality={self.modality!r} must be vision, video or language")
+
+
+# op name -> (one-line description, backends that implement it)
+OPS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "block_sparse_attention": (
+        "attention of query blocks over the key blocks a BlockSparseLayout selects",
+        ("reference", "torch", "triton", "flex"),
+    ),
+    "token_routed_attention": (
+        "attention of each query token over its own routed key blocks (MoBA, VMoBA)",
+        ("reference", "torch", "triton", "flex"),
+    ),
+    "merge_attention_states": ("exact log-sum-exp merge of partial attention results", ("torch",)),
+}
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _METHODS[method.name] = method
+    return method
+
+
+def methods() -> list[Method]:
+    return sorted(_METHODS.values(), key=lambda m: m.name)
