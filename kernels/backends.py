@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -44,8 +45,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
 def _triton_reason(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _has_module("triton"):
         return "the triton package is not installed"
     if device.type == "cuda" or triton_interpreted():
         return None
@@ -53,7 +59,7 @@ def _triton_reason(device: torch.device) -> str | None:
 
 
 def _flex_reason(device: torch.device, needs_grad: bool, needs_lse: bool) -> str | None:
-    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+    if not _has_module("torch.nn.attention.flex_attention"):
         return f"this torch ({torch.__version__}) has no FlexAttention"
     if device.type == "cpu" and needs_grad:
         return "FlexAttention has no backward pass on CPU"

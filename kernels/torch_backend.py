@@ -10,6 +10,7 @@ fp32. Backward recomputes the probabilities chunk by chunk (FlashAttention-2 sty
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mas
     visible = slot_on if slot_on is not None else torch.ones(1, 1, maxk, dtype=torch.bool, device=dev)
     if causal:
         visible = visible & (key_pos[:, :, :, 0] <= row_limit[:, :, :, 0])
-    dead = ~visible.any(-1) if maxk else torch.ones(b * hu * nqb, rows, dtype=torch.bool, device=dev)
+    dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
     chunk = max(1, _CHUNK_ELEMS // max(1, rows * maxk * bn))
     return _Plan(layout, group, hkv, flat_blocks, slot_on, key_pos, row_limit, dead, chunk, causal, scale)
@@ -141,27 +142,34 @@ def _probs(
     return peak - torch.log(out.amax(-1)) if want_lse else None
 
 
+def _chunks(plan: _Plan, kb: torch.Tensor, vb: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Walk the units in cache-sized chunks: ``(units slice, flat block ids, K [n, L, D], V [n, L, D])``,
+    the selected key/value blocks gathered into buffers reused from chunk to chunk."""
+    maxk, bn, d = plan.layout.max_blocks, plan.layout.block_n, kb.shape[-1]
+    units = plan.units
+    n = min(plan.chunk, units)
+    kg, vg = kb.new_empty(n * maxk, bn, d), vb.new_empty(n * maxk, bn, d)
+    for start in range(0, units, n):
+        s = slice(start, min(start + n, units))
+        m = s.stop - s.start
+        fi = plan.flat_blocks[s.start * maxk : s.stop * maxk]
+        torch.index_select(kb, 0, fi, out=kg[: m * maxk])
+        torch.index_select(vb, 0, fi, out=vg[: m * maxk])
+        yield s, fi, kg[: m * maxk].view(m, maxk * bn, d), vg[: m * maxk].view(m, maxk * bn, d)
+
+
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, need_lse: bool):
         lay = plan.layout
         qu = _to_units(q, plan)
         kb, vb = _kv_blocks(k, lay.block_n), _kv_blocks(v, lay.block_n)
-        units, rows, d = qu.shape
-        maxk, bn = lay.max_blocks, lay.block_n
+        units, rows, _ = qu.shape
         out = torch.empty_like(qu)
         lse = qu.new_empty(units, rows) if need_lse else None
-        n = min(plan.chunk, units)
-        kg = kb.new_empty(n * maxk, bn, d)
-        vg = kb.new_empty(n * maxk, bn, d)
-        p = kb.new_empty(n, rows, maxk * bn)
-        for start in range(0, units, n):
-            s = slice(start, min(start + n, units))
-            m = s.stop - s.start
-            fi = plan.flat_blocks[s.start * maxk : s.stop * maxk]
-            torch.index_select(kb, 0, fi, out=kg[: m * maxk])
-            torch.index_select(vb, 0, fi, out=vg[: m * maxk])
-            kc, vc, pc = kg[: m * maxk].view(m, maxk * bn, d), vg[: m * maxk].view(m, maxk * bn, d), p[:m]
+        p = kb.new_empty(min(plan.chunk, units), rows, lay.max_blocks * lay.block_n)
+        for s, _, kc, vc in _chunks(plan, kb, vb):
+            pc = p[: s.stop - s.start]
             part = _probs(plan, s, qu[s], kc, pc, want_lse=need_lse)
             torch.bmm(pc, vc, out=out[s])
             if need_lse:
@@ -183,23 +191,17 @@ class _BlockSparse(torch.autograd.Function):
         do = _to_units(dout, plan)
         kb, vb = _kv_blocks(k, lay.block_n), _kv_blocks(v, lay.block_n)
         units, rows, d = qu.shape
-        maxk, bn = lay.max_blocks, lay.block_n
+        keys = lay.max_blocks * lay.block_n
         delta = (do * out).sum(-1)  # [U, R]
         if dlse is not None:
             delta = delta - _to_units(dlse.float()[..., None], plan)[..., 0]
         dq = torch.empty_like(qu)
         dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
         n = min(plan.chunk, units)
-        kg, vg = kb.new_empty(n * maxk, bn, d), kb.new_empty(n * maxk, bn, d)
-        p, dp = kb.new_empty(n, rows, maxk * bn), kb.new_empty(n, rows, maxk * bn)
-        dkg, dvg = kb.new_empty(n, maxk * bn, d), kb.new_empty(n, maxk * bn, d)
-        for start in range(0, units, n):
-            s = slice(start, min(start + n, units))
+        p, dp = kb.new_empty(n, rows, keys), kb.new_empty(n, rows, keys)
+        dkg, dvg = kb.new_empty(n, keys, d), kb.new_empty(n, keys, d)
+        for s, fi, kc, vc in _chunks(plan, kb, vb):
             m = s.stop - s.start
-            fi = plan.flat_blocks[s.start * maxk : s.stop * maxk]
-            torch.index_select(kb, 0, fi, out=kg[: m * maxk])
-            torch.index_select(vb, 0, fi, out=vg[: m * maxk])
-            kc, vc = kg[: m * maxk].view(m, maxk * bn, d), vg[: m * maxk].view(m, maxk * bn, d)
             pc, dpc = p[:m], dp[:m]
             _probs(plan, s, qu[s], kc, pc)
             torch.bmm(do[s], vc.transpose(1, 2), out=dpc)
@@ -207,8 +209,8 @@ class _BlockSparse(torch.autograd.Function):
             torch.bmm(dpc, kc, out=dq[s]).mul_(plan.scale)
             torch.bmm(dpc.transpose(1, 2), qu[s], out=dkg[:m]).mul_(plan.scale)
             torch.bmm(pc.transpose(1, 2), do[s], out=dvg[:m])
-            dkb.index_add_(0, fi, dkg[:m].view(m * maxk, bn, d))
-            dvb.index_add_(0, fi, dvg[:m].view(m * maxk, bn, d))
+            dkb.index_add_(0, fi, dkg[:m].view(-1, lay.block_n, d))
+            dvb.index_add_(0, fi, dvg[:m].view(-1, lay.block_n, d))
         skv = k.shape[2]
         dk = dkb.view(k.shape[0], k.shape[1], -1, d)[:, :, :skv].to(k.dtype)
         dv = dvb.view(v.shape[0], v.shape[1], -1, d)[:, :, :skv].to(v.dtype)

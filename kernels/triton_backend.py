@@ -13,9 +13,10 @@ On a GPU they are ``torch.library.triton_op`` s, so ``torch.compile`` sees the k
 interpreter ``wrap_triton`` cannot trace interpreted kernels, so the same ops are opaque
 ``torch.library.custom_op`` s with fake implementations; ``torch.compile`` then calls them as black boxes.
 
-Logical blocks of any size are covered by power-of-two tiles (at least 16, at most 64): a query block
-of ``block_m`` tokens is ``cdiv(block_m, BLOCK_M)`` programs, a key block ``cdiv(block_n, BLOCK_N)``
-loop steps; rows and columns past the block or the sequence are masked.
+Logical blocks of any size are covered by power-of-two tiles of 16 to 64 tokens (at most 32 when a
+padded head row exceeds 256 bytes): a query block of ``block_m`` tokens is ``cdiv(block_m, BLOCK_M)``
+programs, a key block ``cdiv(block_n, BLOCK_N)`` loop steps; rows and columns past the block or the
+sequence are masked. Head dims up to 256 are padded to a power of two.
 """
 
 import os
@@ -30,7 +31,6 @@ from .layout import BlockSparseLayout
 __all__ = ["attend"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_MAX_TILE = 64
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _LOG2E_K = tl.constexpr(_LOG2E)  # the same constant, readable inside kernels
@@ -307,10 +307,15 @@ def _dq_kernel(
 # --------------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------------
-def _tile(block: int) -> tuple[int, int]:
-    """Power-of-two tile (16..64) for a logical block, and how many tiles cover the block."""
-    tile = min(max(16, triton.next_power_of_2(block)), _MAX_TILE)
-    return tile, triton.cdiv(block, tile)
+def _tiles(block_m: int, block_n: int, dim: int, itemsize: int) -> tuple[int, int, int, int, int]:
+    """Power-of-two tiles ``(BLOCK_M, N_SUB_M, BLOCK_N, N_SUB_N, BLOCK_D)``: each logical block is
+    covered by ``N_SUB`` tiles of 16..64 tokens (16..32 when a padded row of q/k/v exceeds 256 bytes,
+    e.g. fp32 with D=128, to bound shared memory)."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    cap = 64 if block_d * itemsize <= 256 else 32
+    tile_m = min(max(16, triton.next_power_of_2(block_m)), cap)
+    tile_n = min(max(16, triton.next_power_of_2(block_n)), cap)
+    return tile_m, triton.cdiv(block_m, tile_m), tile_n, triton.cdiv(block_n, tile_n), block_d
 
 
 def _flags(q: Tensor) -> dict[str, object]:
@@ -370,8 +375,7 @@ def _fwd_impl(
     kv_num = kv_num_blocks.contiguous()
     kv_idx = kv_indices.contiguous()
     hu, nqb, maxk = kv_idx.shape[1:]
-    block_mt, n_sub_m = _tile(block_m)
-    block_nt, n_sub_n = _tile(block_n)
+    block_mt, n_sub_m, block_nt, n_sub_n, block_d = _tiles(block_m, block_n, dim, q.element_size())
     tok, tok_strides = _token_args(token_mask, kv_num)
     grid = (nqb * n_sub_m, bsz * hq)
     torch.library.wrap_triton(_fwd_kernel)[grid](
@@ -379,7 +383,7 @@ def _fwd_impl(
         *q.stride(), *k.stride(), *v.stride(), *tok_strides,
         hq, hu, hq // hkv, hq // hu, sq, skv, dim, nqb, maxk,
         block_m, block_n, n_sub_n, skv - sq, scale * _LOG2E,
-        BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=max(16, triton.next_power_of_2(dim)), N_SUB_M=n_sub_m,
+        BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=block_d, N_SUB_M=n_sub_m,
         CAUSAL=causal, HAS_TOKEN_MASK=token_mask is not None, **_flags(q), num_warps=4,
     )
     return out, lse
@@ -412,9 +416,7 @@ def _bwd_impl(
     kv_idx = kv_indices.contiguous()
     hu, nqb, maxk = kv_idx.shape[1:]
     nkb = triton.cdiv(skv, block_n)
-    block_mt, n_sub_m = _tile(block_m)
-    block_nt, n_sub_n = _tile(block_n)
-    block_d = max(16, triton.next_power_of_2(dim))
+    block_mt, n_sub_m, block_nt, n_sub_n, block_d = _tiles(block_m, block_n, dim, q.element_size())
     tok, tok_strides = _token_args(token_mask, kv_num)
     lse = lse.contiguous()
     flags = _flags(q)

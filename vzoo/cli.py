@@ -51,7 +51,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         save_plot(rows, args.plot)
         print(f"plot saved to {args.plot}")
-    return 0 if all(v.startswith("PASS") for v in verdicts) or not args.strict else 1
+    return 1 if args.strict and not all(v.startswith("PASS") for v in verdicts) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

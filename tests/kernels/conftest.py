@@ -65,6 +65,11 @@ def oracle():
 
     class Oracle:
         mask = staticmethod(loop_mask)
+
+        @staticmethod
+        def layout_mask(layout, token_mask=None, causal=False):
+            return loop_mask(layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n,
+                             layout.q_len, layout.kv_len, causal, token_mask)
         attention = staticmethod(naive_attention)
         rel_rms = staticmethod(rel_rms)
 

@@ -51,7 +51,7 @@ def oracle_run(oracle, q, k, v, layout, causal, token_mask=None):
     return run_with_grads(lambda q, k, v: oracle.attention(q, k, v, allowed), q.double(), k.double(), v.double())
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_matches_oracle_fp32(oracle, backend, causal, case):

@@ -32,7 +32,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_token_routed_matches_oracle(oracle, backend, causal, case):
