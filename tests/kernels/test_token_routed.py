@@ -84,3 +84,14 @@ def test_token_routed_bad_inputs():
         vk.token_routed_attention(q, k, v, idx, block_n=0)
     with pytest.raises(ValueError, match="block_cnt shape"):
         vk.token_routed_attention(q, k, v, idx, torch.ones(1, 2, 31, dtype=torch.int32), block_n=16)
+
+
+@pytest.mark.slow
+def test_flex_backend_token_routed_forward(oracle):
+    """FlexAttention (compiled, forward only on CPU) with the per-token mask as a mask_mod."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(1, 4, 80, 16, generator=g), torch.randn(1, 2, 96, 16, generator=g), torch.randn(1, 2, 96, 16, generator=g)
+    block_idx = torch.randint(-1, 6, (1, 2, 80, 3), generator=g, dtype=torch.int32)
+    got = vk.token_routed_attention(q, k, v, block_idx, block_n=16, causal=True, backend="flex", tile=16)
+    want, _ = oracle.attention(q, k, v, routed_mask(block_idx, None, 16, 80, 96, True))
+    assert (got.double() - want).abs().max() < 1e-4
