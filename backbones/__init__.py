@@ -1,1 +1,3 @@
-"""timm model families built from vzoo modules (registered on import of :mod:`vzoo`)."""
+"""timm model families built from vzoo modules; importing this registers them with timm."""
+
+from . import biformer  # noqa: F401  (registers biformer_* with timm)

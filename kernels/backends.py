@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -45,13 +44,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def _triton_reason(device: torch.device) -> str | None:
-    if not _has_module("triton"):
+    if not _HAS_TRITON:
         return "the triton package is not installed"
     if device.type == "cuda" or triton_interpreted():
         return None
@@ -59,7 +57,7 @@ def _triton_reason(device: torch.device) -> str | None:
 
 
 def _flex_reason(device: torch.device, needs_grad: bool, needs_lse: bool) -> str | None:
-    if not _has_module("torch.nn.attention.flex_attention"):
+    if not _HAS_FLEX:
         return f"this torch ({torch.__version__}) has no FlexAttention"
     if device.type == "cpu" and needs_grad:
         return "FlexAttention has no backward pass on CPU"

@@ -62,8 +62,8 @@ class BlockSparseLayout:
                 f"BlockSparseLayout: {num.shape[2]} query-block rows, but q_len={self.q_len} with "
                 f"block_m={self.block_m} needs {self.num_q_blocks}"
             )
-        if num.numel() == 0:
-            return
+        if num.numel() == 0 or torch.compiler.is_compiling():
+            return  # the checks below read the data; a traced graph cannot
         maxk = idx.shape[3]
         if int(num.min()) < 0 or int(num.max()) > maxk:
             raise ValueError(f"BlockSparseLayout.kv_num_blocks must lie in [0, {maxk}] (the width of kv_indices)")

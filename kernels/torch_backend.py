@@ -217,6 +217,7 @@ class _BlockSparse(torch.autograd.Function):
         return _from_units(dq, plan, q.shape).to(q.dtype), dk, dv, None, None
 
 
+@torch.compiler.disable  # chunk loops and data-dependent masks: run eagerly inside compiled models
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

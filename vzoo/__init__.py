@@ -1,20 +1,14 @@
 """vzoo: a zoo of attention modules for vision and video, exact to the papers and fast.
 
-``import vzoo`` is light: subpackages (``vzoo.kernels``, ``vzoo.backbones``, ``vzoo.pipelines``) load
-on first attribute access.
+``import vzoo`` registers vzoo's timm models (``timm.create_model("biformer_tiny")``) and exposes the
+attention modules; the kernels live in :mod:`vzoo.kernels`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 __version__ = "0.1.0"
 
-_SUBMODULES = ("kernels", "backbones", "pipelines", "registry")
+from . import backbones  # noqa: E402,F401  (registers the timm models)
+from .biformer import AttentionLePE, BiLevelRoutingAttention  # noqa: E402
 
-
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"vzoo.{name}")
-    raise AttributeError(f"module 'vzoo' has no attribute {name!r}")
+__all__ = ["AttentionLePE", "BiLevelRoutingAttention", "__version__"]

@@ -1,0 +1,141 @@
+"""BiFormer attention: bi-level routing attention (BRA) and the stage-4 attention with LePE.
+
+Zhu et al., "BiFormer: Vision Transformer with Bi-Level Routing Attention", CVPR 2023, arXiv 2303.08810.
+Numerically the legacy op the released weights use (rayleizhu/BiFormer ``ops/bra_legacy.py`` and
+``models/_common.py::AttentionLePE`` at 1697bbb); see ``shared/specs/biformer.md``. Instead of gathering
+the routed regions' keys and values (a top-k-fold copy), tokens are put in region-major order and the
+routing becomes a :class:`vzoo.kernels.BlockSparseLayout` (one block = one region) for
+:func:`vzoo.kernels.block_sparse_attention`.
+
+Both modules take and return NHWC maps ``[N, H, W, C]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vzoo.kernels import BlockSparseLayout, block_sparse_attention
+
+__all__ = ["BiLevelRoutingAttention", "AttentionLePE", "region_routing"]
+
+
+def region_routing(q_win: torch.Tensor, k_win: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
+    """Top-k regions per region, ``[N, R, topk]``, from region queries/keys ``[N, R, C]``.
+
+    Routing gets no gradient (the official ``diff_routing=False``); the query's own region is not
+    forced in, and the top-k scores are not used to reweight values.
+    """
+    logits = (q_win.detach() * scale) @ k_win.detach().transpose(-1, -2)
+    return torch.topk(logits, k=topk, dim=-1).indices
+
+
+def _to_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
+    """``[N, H, W, C]`` -> ``[N, n_win**2 * h * w, C]``: region-major (``h = H / n_win``) token order."""
+    n, hh, ww, c = x.shape
+    h, w = hh // n_win, ww // n_win
+    return x.view(n, n_win, h, n_win, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, -1, c)
+
+
+def _from_regions(x: torch.Tensor, n_win: int, hh: int, ww: int) -> torch.Tensor:
+    """Inverse of :func:`_to_regions`."""
+    n, _, c = x.shape
+    h, w = hh // n_win, ww // n_win
+    return x.view(n, n_win, n_win, h, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hh, ww, c)
+
+
+class BiLevelRoutingAttention(nn.Module):
+    """Bi-level routing attention over an ``n_win x n_win`` grid of regions.
+
+    1. zero-pad the map to a multiple of ``n_win`` (bottom/right, before the projection; padded tokens
+       are not masked: the official ``auto_pad``), 2. fused qkv Linear, 3. region means of q and k
+       (detached) -> region affinity -> top-k regions per region, 4. token attention of each region over
+       its routed regions with scale ``dim ** -0.5`` (the full dim, not the head dim), 5. a depthwise
+       ``side_dwconv`` conv on V (LCE) added before the output Linear.
+
+    Args:
+        dim: channels ``C`` (= qk_dim, as in every released model).
+        num_heads: heads; ``C`` must divide by it.
+        n_win: regions per side.
+        topk: routed regions per region.
+        side_dwconv: LCE kernel size.
+        qkv_bias: bias of the fused qkv Linear.
+        backend: kernel backend for the token attention (``None`` = default).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        n_win: int = 7,
+        topk: int = 4,
+        side_dwconv: int = 5,
+        qkv_bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"BiLevelRoutingAttention: dim={dim} must be divisible by num_heads={num_heads}")
+        if not 1 <= topk <= n_win * n_win:
+            raise ValueError(f"BiLevelRoutingAttention: topk={topk} must lie in [1, n_win**2={n_win * n_win}]")
+        if side_dwconv < 1 or side_dwconv % 2 == 0:
+            raise ValueError(f"BiLevelRoutingAttention: side_dwconv={side_dwconv} must be a positive odd int")
+        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
+        self.scale = dim**-0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, H, W, C]`` -> ``[N, H, W, C]``; any H, W."""
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"BiLevelRoutingAttention expects NHWC [N, H, W, {self.dim}], got {tuple(x.shape)}")
+        n, h_in, w_in, c = x.shape
+        s = self.n_win
+        pad_b, pad_r = -h_in % s, -w_in % s
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hh, ww = h_in + pad_b, w_in + pad_r
+        region = (hh // s) * (ww // s)
+
+        qkv = self.qkv(x)  # [N, H, W, 3C]
+        q, k, v = _to_regions(qkv, s).split(c, dim=-1)  # [N, L, C] each, region-major
+        idx = region_routing(q.unflatten(1, (s * s, region)).mean(2), k.unflatten(1, (s * s, region)).mean(2), self.topk, self.scale)
+        length = s * s * region
+        rows = idx.sort(dim=-1).values.int()[:, None]  # [N, 1, R, topk]: distinct ids, shared by all heads
+        layout = BlockSparseLayout(torch.full(rows.shape[:3], self.topk, dtype=torch.int32, device=x.device), rows, region, region, length, length)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [N, L, C] -> [N, heads, L, C / heads]
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        out = block_sparse_attention(heads(q), heads(k), heads(v), layout, scale=self.scale, backend=self.backend)
+        out = _from_regions(out.transpose(1, 2).flatten(2), s, hh, ww)
+        lepe = self.lepe(qkv[..., 2 * c :].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = self.proj(out + lepe)
+        return out[:, :h_in, :w_in] if (pad_b or pad_r) else out
+
+
+class AttentionLePE(nn.Module):
+    """Plain multi-head self-attention over the whole map plus a depthwise LePE conv on the input ``x``,
+    added before the output Linear (BiFormer stage 4; scale ``head_dim ** -0.5``, no qkv bias)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5, qkv_bias: bool = False) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"AttentionLePE: dim={dim} must be divisible by num_heads={num_heads}")
+        self.dim, self.num_heads = dim, num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, H, W, C]`` -> ``[N, H, W, C]``."""
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"AttentionLePE expects NHWC [N, H, W, {self.dim}], got {tuple(x.shape)}")
+        n, h, w, c = x.shape
+        q, k, v = self.qkv(x.reshape(n, h * w, c)).view(n, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, h, w, c)
+        lepe = self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj(out + lepe)
