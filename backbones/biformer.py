@@ -75,12 +75,12 @@ class BiFormerStage(nn.Module):
         self.blocks = nn.Sequential(*[BiFormerBlock(dim, drop_path=drop_path[j], **block_kw) for j in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x).permute(0, 2, 3, 1)
+        x = self.downsample(x).permute(0, 2, 3, 1).contiguous()  # blocks run on contiguous NHWC
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
-        return x.permute(0, 3, 1, 2)
+        return x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory (channels_last)
 
 
 class BiFormer(nn.Module):

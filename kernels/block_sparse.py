@@ -64,10 +64,16 @@ def check_layout(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) ->
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
 
 
-def layout_heads(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) -> BlockSparseLayout:
-    """Broadcast the layout to ``[B, Hu]``: ``Hu = Hkv`` when it is shared by a GQA group, else ``Hq``."""
+def broadcast_heads(
+    layout: BlockSparseLayout, token_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor
+) -> tuple[BlockSparseLayout, torch.Tensor | None]:
+    """Broadcast the layout (and token mask) to ``[B, Hu]``: ``Hu = Hq`` when there is one row list per
+    query head, else ``Hu = Hkv`` (a list shared by a GQA group, or by all heads)."""
     heads = q.shape[1] if layout.num_heads == q.shape[1] else k.shape[1]
-    return layout.expand_heads(q.shape[0], heads)
+    layout = layout.expand_heads(q.shape[0], heads)
+    if token_mask is not None:
+        token_mask = token_mask.expand(q.shape[0], heads, *token_mask.shape[2:])
+    return layout, token_mask
 
 
 def run_attention(
@@ -99,9 +105,6 @@ def run_attention(
             allowed = allowed.repeat_interleave(q.shape[1] // allowed.shape[1], dim=1)
         out, lse = dense_attention(q, k, v, allowed, scale)
     else:
-        layout = layout_heads(layout, q, k)
-        if token_mask is not None:
-            token_mask = token_mask.expand(*layout.kv_num_blocks.shape[:2], *token_mask.shape[2:])
         if name == "torch":
             from .torch_backend import attend
         elif name == "triton":

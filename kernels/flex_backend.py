@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from .block_sparse import broadcast_heads
 from .layout import BlockSparseLayout
 
 __all__ = ["attend"]
@@ -34,7 +35,8 @@ def attend(
     scale: float,
     need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block-sparse attention through FlexAttention; ``layout`` broadcast to ``[B, Hu]``."""
+    """Block-sparse attention through FlexAttention (``layout`` with ``Hl`` in ``{1, Hkv, Hq}``)."""
+    layout, token_mask = broadcast_heads(layout, token_mask, q, k)
     hq, hu = q.shape[1], layout.num_heads
     if hu != hq:  # a GQA group shares its row list: FlexAttention wants one per query head
         layout = BlockSparseLayout(

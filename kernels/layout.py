@@ -65,19 +65,24 @@ class BlockSparseLayout:
         if num.numel() == 0 or torch.compiler.is_compiling():
             return  # the checks below read the data; a traced graph cannot
         maxk = idx.shape[3]
-        if int(num.min()) < 0 or int(num.max()) > maxk:
+        valid = torch.arange(maxk, device=idx.device) < num[..., None]
+        out_of_range = valid & ((idx < 0) | (idx >= self.num_kv_blocks))
+        bad_padding = ~valid & (idx != -1)
+        unsorted = (idx[..., 1:] <= idx[..., :-1]) & valid[..., 1:]
+        bad_count = (num < 0) | (num > maxk)
+        # one reduction (one host sync) on the common, valid path; the messages come after
+        if not bool(out_of_range.any() | bad_padding.any() | unsorted.any() | bad_count.any()):
+            return
+        if bool(bad_count.any()):
             raise ValueError(f"BlockSparseLayout.kv_num_blocks must lie in [0, {maxk}] (the width of kv_indices)")
-        slot = torch.arange(maxk, device=idx.device)
-        valid = slot < num[..., None].long()
-        if maxk and bool((idx[valid] < 0).any() | (idx[valid] >= self.num_kv_blocks).any()):
+        if bool(out_of_range.any()):
             raise ValueError(
                 f"BlockSparseLayout.kv_indices: key-block ids must lie in [0, {self.num_kv_blocks}) "
                 f"(kv_len={self.kv_len}, block_n={self.block_n})"
             )
-        if maxk and bool((idx[~valid] != -1).any()):
+        if bool(bad_padding.any()):
             raise ValueError("BlockSparseLayout.kv_indices: entries past kv_num_blocks must be -1")
-        if maxk > 1 and bool(((idx[..., 1:] <= idx[..., :-1]) & valid[..., 1:]).any()):
-            raise ValueError("BlockSparseLayout.kv_indices: each row must be strictly ascending (no duplicates)")
+        raise ValueError("BlockSparseLayout.kv_indices: each row must be strictly ascending (no duplicates)")
 
     # ----------------------------------------------------------------------------------------------
     @property

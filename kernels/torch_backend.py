@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+import torch.nn.functional as F
+
+from .block_sparse import broadcast_heads
 from .layout import BlockSparseLayout
+from .reference import layout_token_mask
 
 __all__ = ["attend"]
 
@@ -217,6 +221,41 @@ class _BlockSparse(torch.autograd.Function):
         return _from_units(dq, plan, q.shape).to(q.dtype), dk, dv, None, None
 
 
+# Cost model for choosing between the two CPU strategies (fitted on a 2-core AVX-512 CPU): batched
+# matmuls over gathered blocks reach about 160 GFLOP/s but pay about 4 us per unit (query block x head);
+# dense SDPA with a token mask reaches about 100 GFLOP/s on all Sq x Skv pairs. With tiny blocks and a
+# high density (BiFormer's 2x2-token regions, 16 of 49 routed) the per-unit cost dominates and the
+# dense masked kernel is several times faster, forward and backward.
+_SPARSE_FLOPS, _UNIT_SECONDS, _DENSE_FLOPS = 160e9, 4e-6, 100e9
+_MAX_MASK_ELEMS = 1 << 27
+
+
+def _dense_is_faster(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout) -> bool:
+    b, hq, sq, d = q.shape
+    skv = k.shape[2]
+    mask_heads = layout.num_heads if layout.num_heads in (1, hq) else hq
+    if b * mask_heads * sq * skv > _MAX_MASK_ELEMS:
+        return False
+    units = b * hq * layout.num_q_blocks
+    sparse = 4 * d * float(layout.kv_num_blocks.sum()) * (b * hq // (layout.batch_size * layout.num_heads))
+    sparse *= layout.block_m * layout.block_n
+    dense = 4.0 * d * b * hq * sq * skv
+    return dense / _DENSE_FLOPS < sparse / _SPARSE_FLOPS + units * _UNIT_SECONDS
+
+
+def _dense_masked(q, k, v, layout: BlockSparseLayout, token_mask, causal: bool, scale: float) -> torch.Tensor:
+    """SDPA over all keys with the layout's token mask ``[B|1, 1|Hq, Sq, Skv]``; empty rows give zeros."""
+    mask = layout_token_mask(layout, token_mask, causal)
+    if mask.shape[1] not in (1, q.shape[1]):
+        mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
+    dead = ~mask.any(-1, keepdim=True)  # [B, H, Sq, 1]
+    has_dead = bool(dead.any())
+    if has_dead:  # give empty rows one key so SDPA stays finite, then zero them
+        mask = mask | (dead & (torch.arange(mask.shape[-1], device=q.device) == 0))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.masked_fill(dead, 0.0) if has_dead else out
+
+
 @torch.compiler.disable  # chunk loops and data-dependent masks: run eagerly inside compiled models
 def attend(
     q: torch.Tensor,
@@ -229,10 +268,14 @@ def attend(
     scale: float,
     need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block-sparse attention; ``layout`` broadcast to ``[B, Hu]`` with ``Hu`` in ``{Hkv, Hq}``.
+    """Block-sparse attention; ``layout`` with ``Hl`` in ``{1, Hkv, Hq}``.
 
-    Returns ``out [B, Hq, Sq, D]`` (``q.dtype``) and ``lse [B, Hq, Sq]`` fp32 when ``need_lse``.
+    Returns ``out [B, Hq, Sq, D]`` (``q.dtype``) and ``lse [B, Hq, Sq]`` fp32 when ``need_lse``. Uses
+    dense SDPA with the token mask instead when the cost model says it is faster (never for lse).
     """
+    if not need_lse and _dense_is_faster(q, k, layout):
+        return _dense_masked(q, k, v, layout, token_mask, causal, scale), None
+    layout, token_mask = broadcast_heads(layout, token_mask, q, k)
     if layout.max_blocks == 0:  # every row is empty: give the rows one unused slot
         pad = layout.kv_indices.new_full((*layout.kv_indices.shape[:3], 1), -1)
         layout = BlockSparseLayout(layout.kv_num_blocks, pad, layout.block_m, layout.block_n, layout.q_len, layout.kv_len)

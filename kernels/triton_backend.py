@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .block_sparse import broadcast_heads
 from .layout import BlockSparseLayout
 
 __all__ = ["attend"]
@@ -501,10 +502,10 @@ def attend(
 ) -> tuple[Tensor, Tensor | None]:
     """Block-sparse attention with the Triton kernels; differentiable in ``q, k, v`` (and through lse).
 
-    ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]``; ``layout`` broadcast to ``[B, Hu]`` with
-    ``Hu in (Hkv, Hq)``; ``token_mask`` ``None`` or bool ``[B, Hu, Sq, MAXK]``. Returns
+    ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]``; ``layout`` with ``Hl`` in ``{1, Hkv, Hq}``; ``token_mask`` ``None`` or bool ``[B, Hu, Sq, MAXK]``. Returns
     ``out [B, Hq, Sq, D]`` in ``q.dtype`` and, when ``need_lse``, ``lse [B, Hq, Sq]`` fp32 (natural log).
     """
+    layout, token_mask = broadcast_heads(layout, token_mask, q, k)
     dim = q.shape[-1]
     if not 1 <= dim <= _MAX_HEAD_DIM:
         raise ValueError(f"triton backend: head dim D={dim} unsupported (must be 1..{_MAX_HEAD_DIM})")

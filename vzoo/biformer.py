@@ -31,20 +31,6 @@ def region_routing(q_win: torch.Tensor, k_win: torch.Tensor, topk: int, scale: f
     return torch.topk(logits, k=topk, dim=-1).indices
 
 
-def _to_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
-    """``[N, H, W, C]`` -> ``[N, n_win**2 * h * w, C]``: region-major (``h = H / n_win``) token order."""
-    n, hh, ww, c = x.shape
-    h, w = hh // n_win, ww // n_win
-    return x.view(n, n_win, h, n_win, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, -1, c)
-
-
-def _from_regions(x: torch.Tensor, n_win: int, hh: int, ww: int) -> torch.Tensor:
-    """Inverse of :func:`_to_regions`."""
-    n, _, c = x.shape
-    h, w = hh // n_win, ww // n_win
-    return x.view(n, n_win, n_win, h, w, c).permute(0, 1, 3, 2, 4, 5).reshape(n, hh, ww, c)
-
-
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention over an ``n_win x n_win`` grid of regions.
 
@@ -98,21 +84,24 @@ class BiLevelRoutingAttention(nn.Module):
         if pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hh, ww = h_in + pad_b, w_in + pad_r
-        region = (hh // s) * (ww // s)
 
-        qkv = self.qkv(x)  # [N, H, W, 3C]
-        q, k, v = _to_regions(qkv, s).split(c, dim=-1)  # [N, L, C] each, region-major
-        idx = region_routing(q.unflatten(1, (s * s, region)).mean(2), k.unflatten(1, (s * s, region)).mean(2), self.topk, self.scale)
-        length = s * s * region
+        m, d, rh, rw = self.num_heads, c // self.num_heads, hh // s, ww // s
+        region = rh * rw
+        # region-major token order (regions row by row, tokens row by row inside), then the projection
+        xr = x.view(n, s, rh, s, rw, c).transpose(2, 3).reshape(n, s * s, region, c)
+        qkv = self.qkv(xr)  # [N, R, r, 3C]
+        win = qkv[..., : 2 * c].mean(2)  # region means of q and k: [N, R, 2C]
+        idx = region_routing(win[..., :c], win[..., c:], self.topk, self.scale)
         rows = idx.sort(dim=-1).values.int()[:, None]  # [N, 1, R, topk]: distinct ids, shared by all heads
-        layout = BlockSparseLayout(torch.full(rows.shape[:3], self.topk, dtype=torch.int32, device=x.device), rows, region, region, length, length)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # [N, L, C] -> [N, heads, L, C / heads]
-            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-        out = block_sparse_attention(heads(q), heads(k), heads(v), layout, scale=self.scale, backend=self.backend)
-        out = _from_regions(out.transpose(1, 2).flatten(2), s, hh, ww)
-        lepe = self.lepe(qkv[..., 2 * c :].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        counts = torch.full(rows.shape[:3], self.topk, dtype=torch.int32, device=x.device)
+        length = s * s * region
+        layout = BlockSparseLayout(counts, rows, region, region, length, length)
+        q, k, v = qkv.view(n, length, 3, m, d).permute(2, 0, 3, 1, 4)  # views [N, heads, L, d]
+        out = block_sparse_attention(q, k, v, layout, scale=self.scale, backend=self.backend)
+        v_map = qkv[..., 2 * c :].view(n, s, s, rh, rw, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, hh, ww)
+        lepe = self.lepe(v_map)  # [N, C, H, W]
+        out = out.view(n, m, s, s, rh, rw, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(n, hh, ww, c)
+        lepe = lepe.permute(0, 2, 3, 1)
         out = self.proj(out + lepe)
         return out[:, :h_in, :w_in] if (pad_b or pad_r) else out
 

@@ -204,3 +204,41 @@ def test_invalid_layouts_raise_value_errors():
         BlockSparseLayout.from_topk(torch.tensor([[[[0], [2]]]]), 16, 16, 32, 32)
     with pytest.raises(ValueError, match="need"):
         BlockSparseLayout.from_block_mask(torch.ones(1, 1, 2, 3, dtype=torch.bool), 16, 16, 32, 32)
+
+
+@pytest.mark.parametrize("strategy", ["gather", "dense"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_torch_backend_strategies_match_oracle(oracle, monkeypatch, strategy, causal, case):
+    """The torch backend's two CPU strategies (gathered blocks; dense SDPA with the token mask), forced."""
+    from vzoo.kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_dense_is_faster", lambda *a: strategy == "dense")
+    q, k, v, layout = make_problem(case)
+    allowed = oracle.layout_mask(layout, None, causal)
+    w = torch.linspace(-1, 1, q.shape[-1], dtype=torch.float64)
+    results = []
+    for fn, inputs in (
+        (lambda q, k, v: vk.block_sparse_attention(q, k, v, layout, causal=causal, backend="torch"), (q, k, v)),
+        (lambda q, k, v: oracle.attention(q, k, v, allowed)[0], (q.double(), k.double(), v.double())),
+    ):
+        xs = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*xs)
+        results.append((out, *torch.autograd.grad((out.double() * w).sum(), xs)))
+    for name, g, want in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(g).all(), name
+        assert (g.double() - want).abs().max() < 1e-4, name
+
+
+def test_cost_model_picks_dense_only_for_tiny_dense_blocks():
+    from vzoo.kernels.torch_backend import _dense_is_faster
+
+    def layout(s, blk, k):
+        nb = s // blk
+        idx = torch.arange(k, dtype=torch.int32).expand(1, 1, nb, k).contiguous()
+        return BlockSparseLayout(torch.full((1, 1, nb), k, dtype=torch.int32), idx, blk, blk, s, s)
+
+    q = torch.empty(8, 8, 196, 32)
+    assert _dense_is_faster(q, q, layout(196, 4, 16))  # BiFormer stage 3: 2x2 regions, 16 of 49
+    q = torch.empty(1, 4, 8192, 64)
+    assert not _dense_is_faster(q, q, layout(8192, 128, 6))  # 128-token blocks, 9 % density
