@@ -39,17 +39,21 @@ def layout_token_mask(
     """Token-level bool mask ``[B, Hl, Sq, Skv]`` that ``layout`` (and optional per-slot ``token_mask``
     ``[B, Hl, Sq, MAXK]``) selects, with bottom-right causal masking when ``causal``."""
     sq, skv = layout.q_len, layout.kv_len
-    qi = torch.arange(sq, device=layout.device)
-    kj = torch.arange(skv, device=layout.device)
-    row = qi // layout.block_m
-    blocks = layout.kv_indices.long()[:, :, row]  # [B, Hl, Sq, MAXK]: each token's row
-    on = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_num_blocks[:, :, row, None]
-    if token_mask is not None:
-        on = on & token_mask
-    nkb = layout.num_kv_blocks
-    per_token = torch.zeros(*blocks.shape[:3], nkb + 1, dtype=torch.bool, device=layout.device)
-    per_token.scatter_(-1, torch.where(on, blocks, nkb), True)  # [B, Hl, Sq, NKB + 1]
-    allowed = per_token[..., kj // layout.block_n]
+    b, h, nqb = layout.kv_num_blocks.shape
+    nkb, bm, bn = layout.num_kv_blocks, layout.block_m, layout.block_n
+    if token_mask is None:  # every token of a query block shares its row
+        per_row = layout.to_block_mask()  # [B, Hl, NQB, NKB]
+        per_token = per_row[:, :, :, None].expand(b, h, nqb, bm, nkb).reshape(b, h, nqb * bm, nkb)[:, :, :sq]
+    else:
+        row = torch.arange(sq, device=layout.device) // bm
+        blocks = layout.kv_indices.long()[:, :, row]  # [B, Hl, Sq, MAXK]: each token's row
+        on = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_num_blocks[:, :, row, None]
+        per_token = torch.zeros(b, h, sq, nkb + 1, dtype=torch.bool, device=layout.device)
+        per_token.scatter_(-1, torch.where(on & token_mask, blocks, nkb), True)
+        per_token = per_token[..., :nkb]  # [B, Hl, Sq, NKB]
+    allowed = per_token[..., None].expand(b, h, sq, nkb, bn).reshape(b, h, sq, nkb * bn)[..., :skv]
     if causal:
+        qi = torch.arange(sq, device=layout.device)
+        kj = torch.arange(skv, device=layout.device)
         allowed = allowed & (kj[None, :] <= qi[:, None] + (skv - sq))
     return allowed

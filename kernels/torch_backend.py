@@ -39,7 +39,8 @@ class _Plan:
     layout: BlockSparseLayout
     group: int  # query heads per unit (G)
     hkv: int
-    flat_blocks: torch.Tensor  # int64 [U * K], index into k viewed as [B * Hkv * NKB, block_n, D]
+    flat_blocks: torch.Tensor  # int64 [U * K]: (batch * Hkv + kv head) * NKB + key block, per unit and slot
+    block_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the same as (batch, kv head, key block)
     slot_on: torch.Tensor | None  # bool [U, R, K]: slot usable by the row (count, token mask)
     key_pos: torch.Tensor | None  # int64 [U, 1, K, block_n]: key positions, when masking tokens
     row_limit: torch.Tensor | None  # int64 [U, R, 1, 1]: last visible key position (causal)
@@ -63,8 +64,13 @@ def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mas
     dev = q.device
     idx = layout.kv_indices.long()
     kv_head = torch.arange(hu, device=dev) // (hu // hkv)  # layout head -> kv head
-    base = (torch.arange(b, device=dev)[:, None] * hkv + kv_head[None, :]) * nkb  # [B, Hu]
-    flat_blocks = (base[:, :, None, None] + idx.clamp_min(0)).reshape(-1)
+    maxk_shape = (b, hu, nqb, maxk)
+    block_index = (
+        torch.arange(b, device=dev).view(b, 1, 1, 1).expand(maxk_shape).reshape(-1),
+        kv_head.view(1, hu, 1, 1).expand(maxk_shape).reshape(-1),
+        idx.clamp_min(0).reshape(-1),
+    )
+    flat_blocks = (block_index[0] * hkv + block_index[1]) * nkb + block_index[2]
 
     rows = group * bm
     q_pos = torch.arange(nqb * bm, device=dev).view(nqb, 1, bm).expand(nqb, group, bm).reshape(nqb, rows)
@@ -90,7 +96,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mas
     dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
     chunk = max(1, _CHUNK_ELEMS // max(1, rows * maxk * bn))
-    return _Plan(layout, group, hkv, flat_blocks, slot_on, key_pos, row_limit, dead, chunk, causal, scale)
+    return _Plan(layout, group, hkv, flat_blocks, block_index, slot_on, key_pos, row_limit, dead, chunk, causal, scale)
 
 
 def _to_units(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -114,11 +120,13 @@ def _from_units(x: torch.Tensor, plan: _Plan, shape: torch.Size) -> torch.Tensor
 
 
 def _kv_blocks(x: torch.Tensor, bn: int) -> torch.Tensor:
-    """``[B, Hkv, Skv, D]`` -> fp32 ``[B * Hkv * NKB, block_n, D]`` (zero-padded tail)."""
-    b, h, s, d = x.shape
-    pad = -s % bn
-    x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) if pad else x.float()
-    return x.reshape(-1, bn, d)
+    """``[B, Hkv, Skv, D]`` -> fp32 ``[B, Hkv, NKB, block_n, D]``: a view when possible (any strides),
+    zero-padded copy when ``Skv`` is not a multiple of ``block_n``."""
+    pad = -x.shape[2] % bn
+    x = x.float()
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    return x.unflatten(2, (-1, bn))
 
 
 def _probs(
@@ -148,18 +156,27 @@ def _probs(
 
 def _chunks(plan: _Plan, kb: torch.Tensor, vb: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Walk the units in cache-sized chunks: ``(units slice, flat block ids, K [n, L, D], V [n, L, D])``,
-    the selected key/value blocks gathered into buffers reused from chunk to chunk."""
+    the selected blocks gathered from ``kb, vb [B, Hkv, NKB, block_n, D]``: with ``index_select`` into
+    reused buffers when they are contiguous, straight from the strided views otherwise (no copy first)."""
     maxk, bn, d = plan.layout.max_blocks, plan.layout.block_n, kb.shape[-1]
     units = plan.units
     n = min(plan.chunk, units)
-    kg, vg = kb.new_empty(n * maxk, bn, d), vb.new_empty(n * maxk, bn, d)
+    flat = kb.is_contiguous() and vb.is_contiguous()
+    if flat:
+        kf, vf = kb.flatten(0, 2), vb.flatten(0, 2)
+        kg, vg = kb.new_empty(n * maxk, bn, d), vb.new_empty(n * maxk, bn, d)
     for start in range(0, units, n):
         s = slice(start, min(start + n, units))
         m = s.stop - s.start
-        fi = plan.flat_blocks[s.start * maxk : s.stop * maxk]
-        torch.index_select(kb, 0, fi, out=kg[: m * maxk])
-        torch.index_select(vb, 0, fi, out=vg[: m * maxk])
-        yield s, fi, kg[: m * maxk].view(m, maxk * bn, d), vg[: m * maxk].view(m, maxk * bn, d)
+        pick = slice(s.start * maxk, s.stop * maxk)
+        fi = plan.flat_blocks[pick]
+        if flat:
+            kc = torch.index_select(kf, 0, fi, out=kg[: m * maxk])
+            vc = torch.index_select(vf, 0, fi, out=vg[: m * maxk])
+        else:
+            index = tuple(i[pick] for i in plan.block_index)
+            kc, vc = kb[index], vb[index]
+        yield s, fi, kc.view(m, maxk * bn, d), vc.view(m, maxk * bn, d)
 
 
 class _BlockSparse(torch.autograd.Function):
@@ -171,7 +188,7 @@ class _BlockSparse(torch.autograd.Function):
         units, rows, _ = qu.shape
         out = torch.empty_like(qu)
         lse = qu.new_empty(units, rows) if need_lse else None
-        p = kb.new_empty(min(plan.chunk, units), rows, lay.max_blocks * lay.block_n)
+        p = qu.new_empty(min(plan.chunk, units), rows, lay.max_blocks * lay.block_n)
         for s, _, kc, vc in _chunks(plan, kb, vb):
             pc = p[: s.stop - s.start]
             part = _probs(plan, s, qu[s], kc, pc, want_lse=need_lse)
@@ -200,10 +217,11 @@ class _BlockSparse(torch.autograd.Function):
         if dlse is not None:
             delta = delta - _to_units(dlse.float()[..., None], plan)[..., 0]
         dq = torch.empty_like(qu)
-        dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+        dkb = torch.zeros(kb.shape, device=kb.device).flatten(0, 2)  # [B * Hkv * NKB, block_n, D]
+        dvb = torch.zeros_like(dkb)
         n = min(plan.chunk, units)
-        p, dp = kb.new_empty(n, rows, keys), kb.new_empty(n, rows, keys)
-        dkg, dvg = kb.new_empty(n, keys, d), kb.new_empty(n, keys, d)
+        p, dp = qu.new_empty(n, rows, keys), qu.new_empty(n, rows, keys)
+        dkg, dvg = qu.new_empty(n, keys, d), qu.new_empty(n, keys, d)
         for s, fi, kc, vc in _chunks(plan, kb, vb):
             m = s.stop - s.start
             pc, dpc = p[:m], dp[:m]

@@ -18,7 +18,10 @@ import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 
-__all__ = ["Row", "median_ms", "random_layout", "kernel_rows", "format_table", "check_bar", "save_plot"]
+__all__ = [
+    "Row", "median_ms", "random_layout", "kernel_rows", "format_table", "check_bar", "save_plot",
+    "ModelRow", "backbone_rows", "peak_memory_mb", "format_models",
+]
 
 
 @dataclass
@@ -195,3 +198,117 @@ def save_plot(rows: Sequence[Row], path: str) -> None:
 
 def rows_as_dicts(rows: Sequence[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+# -- backbones -----------------------------------------------------------------------------------
+@dataclass
+class ModelRow:
+    name: str
+    params_m: float
+    train_ms: float  # forward + cross-entropy + backward, train mode
+    eval_ms: float  # forward, eval mode, inference_mode
+    train_mb: float | None = None  # peak extra resident memory of one training step
+    eval_mb: float | None = None
+
+
+def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None = None) -> None:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+
+
+def _eval_step(model: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None = None) -> None:
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+        model(x)
+
+
+def backbone_rows(
+    models: dict[str, Callable[[], torch.nn.Module]],
+    *,
+    batch: int = 8,
+    size: int = 224,
+    repeats: int = 5,
+    device: str | torch.device = "cpu",
+    amp: torch.dtype | None = None,
+    progress: bool = True,
+) -> list[ModelRow]:
+    """Median train-step and eval-forward times of each model, measured in rounds that interleave the
+    models (so a slow phase of a shared machine hits all of them alike). On CUDA the peak allocated
+    memory of each step is recorded too."""
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    built = {name: make().to(device) for name, make in models.items()}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in built}
+    peaks: dict[str, list[float]] = {name: [0.0, 0.0] for name in built}
+    for round_ in tqdm(range(repeats + 1), desc="backbones", disable=not progress, file=sys.stderr):
+        for name, model in built.items():
+            for i, (mode, step) in enumerate((("train", lambda: _train_step(model, x, y, amp)), ("eval", lambda: _eval_step(model, x, amp)))):
+                model.train(mode == "train")
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                _sync(device)
+                start = time.perf_counter()
+                step()
+                _sync(device)
+                if round_:  # the first round warms up
+                    times[name][i].append((time.perf_counter() - start) * 1e3)
+                if device.type == "cuda":
+                    peaks[name][i] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    rows = [
+        ModelRow(name, sum(p.numel() for p in m.parameters()) / 1e6, statistics.median(times[name][0]), statistics.median(times[name][1]))
+        for name, m in built.items()
+    ]
+    if device.type == "cuda":
+        for row in rows:
+            row.train_mb, row.eval_mb = peaks[row.name]
+    return rows
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_mb(make: Callable[[], torch.nn.Module], mode: str, batch: int = 8, size: int = 224) -> float:
+    """Peak extra resident memory (MiB) of one train step or eval forward (Linux).
+
+    Resets the kernel's resident high-water mark (``/proc/self/clear_refs``), runs the step and reads
+    ``VmHWM - VmRSS(before)``. Memory the allocator kept from earlier work would hide part of the
+    peak, so run it in a fresh process (``benchmarks/backbones.py`` starts one per model and mode)."""
+    import gc
+
+    model = make().train(mode == "train")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 1000, (batch,), generator=g)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    if mode == "train":
+        _train_step(model, x, y)
+    else:
+        with torch.inference_mode():
+            model(x)
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def format_models(rows: Sequence[ModelRow], base: str) -> str:
+    """Table with speed and memory ratios relative to the row named ``base``."""
+    ref = {r.name: r for r in rows}[base]
+    head = f"{'model':<34} {'params':>7} {'train ms':>9} {'x':>6} {'eval ms':>8} {'x':>6} {'train MB':>9} {'eval MB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mem = f"{r.train_mb:>9.0f} {r.eval_mb:>8.0f}" if r.train_mb is not None else f"{'':>9} {'':>8}"
+        lines.append(
+            f"{r.name:<34} {r.params_m:>6.1f}M {r.train_ms:>9.0f} {r.train_ms / ref.train_ms:>6.2f} "
+            f"{r.eval_ms:>8.0f} {r.eval_ms / ref.eval_ms:>6.2f} {mem}"
+        )
+    lines.append(f"(x = time relative to {base}; MB = peak extra resident memory of one step)")
+    return "\n".join(lines)

@@ -98,11 +98,14 @@ class BiLevelRoutingAttention(nn.Module):
         layout = BlockSparseLayout(counts, rows, region, region, length, length)
         q, k, v = qkv.view(n, length, 3, m, d).permute(2, 0, 3, 1, 4)  # views [N, heads, L, d]
         out = block_sparse_attention(q, k, v, layout, scale=self.scale, backend=self.backend)
-        v_map = qkv[..., 2 * c :].view(n, s, s, rh, rw, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, hh, ww)
-        lepe = self.lepe(v_map)  # [N, C, H, W]
-        out = out.view(n, m, s, s, rh, rw, d).permute(0, 2, 4, 3, 5, 1, 6).reshape(n, hh, ww, c)
-        lepe = lepe.permute(0, 2, 3, 1)
-        out = self.proj(out + lepe)
+        # LCE on V: back to the spatial map, channels-last so the conv reads and writes NHWC memory
+        v_map = qkv[..., 2 * c :].view(n, s, s, rh, rw, c).transpose(2, 3).reshape(n, hh, ww, c)
+        lepe = self.lepe(v_map.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [N, H, W, C]
+        # attention output back to the spatial map, summed with the LCE in the same pass (the sum
+        # takes the memory order of its first operand: contiguous NHWC)
+        spatial = (n, s, rh, s, rw, m, d)
+        out = (lepe.reshape(spatial) + out.view(n, m, s, s, rh, rw, d).permute(0, 2, 4, 3, 5, 1, 6)).view(n, hh, ww, c)
+        out = self.proj(out)
         return out[:, :h_in, :w_in] if (pad_b or pad_r) else out
 
 

@@ -1,0 +1,94 @@
+"""BiFormer-T against the gather-based implementation of the official semantics (same weights) and
+against timm models of similar FLOPs: training-step and inference times, peak memory.
+
+    python benchmarks/backbones.py                 # CPU, fp32, batch 8, 224 x 224
+
+Times are medians over interleaved rounds in one process; peak memory is measured per model and mode
+in a fresh child process (the process high-water mark around one step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+import vzoo  # noqa: F401  (registers the timm models)
+from vzoo.bench import backbone_rows, format_models, peak_memory_mb
+
+ROOT = Path(__file__).resolve().parents[1]
+GATHER = "biformer_tiny (gather, official)"
+VZOO = "biformer_tiny (vzoo)"
+BASELINES = ("swin_tiny_patch4_window7_224", "convnextv2_nano", "pvt_v2_b1")
+
+
+def _official():
+    """The independent gather-based re-implementation kept with the fidelity tests."""
+    spec = importlib.util.spec_from_file_location("official_biformer", ROOT / "tests/backbones/official_biformer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def factories() -> dict:
+    def gather():
+        torch.manual_seed(0)
+        return _official().official_model("biformer_tiny")
+
+    def ours():
+        # the very same weights as the gather model, loaded through the official-checkpoint path
+        model = timm.create_model("biformer_tiny")
+        model.load_state_dict(vzoo.backbones.biformer.checkpoint_filter_fn(gather().state_dict(), model))
+        return model
+
+    made = {VZOO: ours, GATHER: gather}
+    made.update({name: (lambda name=name: timm.create_model(name)) for name in BASELINES})
+    return made
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", choices=["bfloat16", "float16"], help="autocast dtype (default: fp32)")
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--memory", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)  # child process
+    a = p.parse_args()
+    made = factories()
+    if a.memory:
+        print(peak_memory_mb(made[a.memory[0]], a.memory[1], a.batch, a.size))
+        return
+    amp = getattr(torch, a.amp) if a.amp else None
+    rows = backbone_rows(made, batch=a.batch, size=a.size, repeats=a.repeats, device=a.device, amp=amp)
+    for row in rows if a.device == "cpu" else ():  # CUDA peaks are measured in-process
+        for mode in ("train", "eval"):
+            cmd = [sys.executable, __file__, "--memory", row.name, mode, "--batch", str(a.batch), "--size", str(a.size)]
+            mb = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+            setattr(row, f"{mode}_mb", mb)
+    print(f"batch {a.batch}, {a.size}x{a.size}, {a.amp or 'fp32'} on {a.device}, {torch.get_num_threads()} threads, median of {a.repeats}")
+    print(format_models(rows, VZOO))
+    by = {r.name: r for r in rows}
+    ours, ref = by[VZOO], by[GATHER]
+    checks = [
+        ("train step vs gather", ref.train_ms / ours.train_ms, 2.0, "x faster"),
+        ("eval forward vs gather", ref.eval_ms / ours.eval_ms, 1.5, "x faster"),
+        ("train peak memory vs gather", ours.train_mb / ref.train_mb, 0.6, "of it (at most)"),
+    ]
+    for name, got, bar, unit in checks:
+        ok = got <= bar if "memory" in name else got >= bar
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {got:.2f} {unit} (bar {bar})")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "backbones.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()
