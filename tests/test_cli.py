@@ -65,3 +65,37 @@ def test_registry_validates_methods(monkeypatch):
     assert m in methods()
     with pytest.raises(ValueError, match="already registered"):
         register_method(m)
+
+
+def test_backbone_rows_and_table():
+    import timm
+
+    import vzoo  # noqa: F401
+
+    rows = bench.backbone_rows(
+        {"a": lambda: timm.create_model("test_biformer"), "b": lambda: timm.create_model("test_biformer", depths=(1, 1, 1, 1))},
+        batch=2, size=112, repeats=1, progress=False,
+    )
+    assert [r.name for r in rows] == ["a", "b"] and rows[1].params_m < rows[0].params_m
+    assert all(r.train_ms > 0 and r.eval_ms > 0 for r in rows)
+    table = bench.format_models(rows, "a")
+    assert "1.00" in table.splitlines()[2] and "MB" not in table
+    rows[0].train_mb, rows[0].eval_mb = 10.0, 2.0
+    assert "train MB" in bench.format_models(rows, "a")
+
+
+def test_peak_memory_of_a_training_step_exceeds_inference():
+    """peak_memory_mb is meant for a fresh process (benchmarks/backbones.py starts one per model)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, timm, vzoo; from vzoo.bench import peak_memory_mb; "
+        "print(peak_memory_mb(lambda: timm.create_model('test_biformer'), sys.argv[1], batch=8, size=112))"
+    )
+    mb = {}
+    for mode in ("train", "eval"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        mb[mode] = float(done.stdout.split()[-1])
+    assert 0 < mb["eval"] < mb["train"] < 2000

@@ -300,15 +300,20 @@ def peak_memory_mb(make: Callable[[], torch.nn.Module], mode: str, batch: int = 
 
 
 def format_models(rows: Sequence[ModelRow], base: str) -> str:
-    """Table with speed and memory ratios relative to the row named ``base``."""
+    """Table with time ratios relative to the row named ``base`` (and peak memory when measured)."""
     ref = {r.name: r for r in rows}[base]
-    head = f"{'model':<34} {'params':>7} {'train ms':>9} {'x':>6} {'eval ms':>8} {'x':>6} {'train MB':>9} {'eval MB':>8}"
+    memory = any(r.train_mb is not None for r in rows)
+    head = f"{'model':<34} {'params':>7} {'train ms':>9} {'x':>6} {'eval ms':>8} {'x':>6}"
+    head += f" {'train MB':>9} {'eval MB':>8}" if memory else ""
     lines = [head, "-" * len(head)]
     for r in rows:
-        mem = f"{r.train_mb:>9.0f} {r.eval_mb:>8.0f}" if r.train_mb is not None else f"{'':>9} {'':>8}"
-        lines.append(
+        line = (
             f"{r.name:<34} {r.params_m:>6.1f}M {r.train_ms:>9.0f} {r.train_ms / ref.train_ms:>6.2f} "
-            f"{r.eval_ms:>8.0f} {r.eval_ms / ref.eval_ms:>6.2f} {mem}"
+            f"{r.eval_ms:>8.0f} {r.eval_ms / ref.eval_ms:>6.2f}"
         )
-    lines.append(f"(x = time relative to {base}; MB = peak extra resident memory of one step)")
+        if memory:
+            line += f" {r.train_mb or 0:>9.0f} {r.eval_mb or 0:>8.0f}"
+        lines.append(line)
+    note = f"(x = time relative to {base}"
+    lines.append(note + ("; MB = peak extra memory of one step)" if memory else ")"))
     return "\n".join(lines)

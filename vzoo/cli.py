@@ -34,6 +34,19 @@ def _list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_backbones(args: argparse.Namespace, device: str) -> None:
+    import timm
+
+    import vzoo  # noqa: F401  (registers the timm models)
+    from vzoo.bench import backbone_rows, format_models
+
+    names = ["biformer_tiny", "convnextv2_nano", "pvt_v2_b1"] + ([] if args.quick else ["swin_tiny_patch4_window7_224"])
+    batch = 8 if device == "cpu" else 128
+    print(f"\nbackbones: batch {batch}, 224x224, train step (fwd+bwd) and eval forward, median of {args.repeats}")
+    rows = backbone_rows({n: (lambda n=n: timm.create_model(n)) for n in names}, batch=batch, repeats=args.repeats, device=device)
+    print(format_models(rows, "biformer_tiny"))
+
+
 def _bench(args: argparse.Namespace) -> int:
     from vzoo.bench import check_bar, format_table, kernel_rows, save_plot
 
@@ -51,6 +64,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         save_plot(rows, args.plot)
         print(f"plot saved to {args.plot}")
+    _bench_backbones(args, device)
     return 1 if args.strict and not all(v.startswith("PASS") for v in verdicts) else 0
 
 
