@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
+from vzoo.registry import Method, register_method
 
 __all__ = ["BiLevelRoutingAttention", "AttentionLePE", "region_routing"]
 
@@ -31,7 +32,27 @@ def region_routing(q_win: torch.Tensor, k_win: torch.Tensor, topk: int, scale: f
     return torch.topk(logits, k=topk, dim=-1).indices
 
 
-class BiLevelRoutingAttention(nn.Module):
+class _LePEAttention(nn.Module):
+    """What both BiFormer attentions share: fused qkv Linear, output Linear, depthwise LePE conv."""
+
+    def __init__(self, dim: int, num_heads: int, side_dwconv: int, qkv_bias: bool) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if dim % num_heads:
+            raise ValueError(f"{name}: dim={dim} must be divisible by num_heads={num_heads}")
+        if side_dwconv < 1 or side_dwconv % 2 == 0:
+            raise ValueError(f"{name}: side_dwconv={side_dwconv} must be a positive odd int")
+        self.dim, self.num_heads = dim, num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects NHWC [N, H, W, {self.dim}], got {tuple(x.shape)}")
+
+
+class BiLevelRoutingAttention(_LePEAttention):
     """Bi-level routing attention over an ``n_win x n_win`` grid of regions.
 
     1. zero-pad the map to a multiple of ``n_win`` (bottom/right, before the projection; padded tokens
@@ -60,24 +81,16 @@ class BiLevelRoutingAttention(nn.Module):
         qkv_bias: bool = True,
         backend: str | None = None,
     ) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"BiLevelRoutingAttention: dim={dim} must be divisible by num_heads={num_heads}")
+        super().__init__(dim, num_heads, side_dwconv, qkv_bias)
         if not 1 <= topk <= n_win * n_win:
             raise ValueError(f"BiLevelRoutingAttention: topk={topk} must lie in [1, n_win**2={n_win * n_win}]")
-        if side_dwconv < 1 or side_dwconv % 2 == 0:
-            raise ValueError(f"BiLevelRoutingAttention: side_dwconv={side_dwconv} must be a positive odd int")
-        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
+        self.n_win, self.topk = n_win, topk
         self.scale = dim**-0.5
         self.backend = backend
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [N, H, W, C]`` -> ``[N, H, W, C]``; any H, W."""
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"BiLevelRoutingAttention expects NHWC [N, H, W, {self.dim}], got {tuple(x.shape)}")
+        self._check(x)
         n, h_in, w_in, c = x.shape
         s = self.n_win
         pad_b, pad_r = -h_in % s, -w_in % s
@@ -109,25 +122,30 @@ class BiLevelRoutingAttention(nn.Module):
         return out[:, :h_in, :w_in] if (pad_b or pad_r) else out
 
 
-class AttentionLePE(nn.Module):
+class AttentionLePE(_LePEAttention):
     """Plain multi-head self-attention over the whole map plus a depthwise LePE conv on the input ``x``,
     added before the output Linear (BiFormer stage 4; scale ``head_dim ** -0.5``, no qkv bias)."""
 
     def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5, qkv_bias: bool = False) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"AttentionLePE: dim={dim} must be divisible by num_heads={num_heads}")
-        self.dim, self.num_heads = dim, num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        super().__init__(dim, num_heads, side_dwconv, qkv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [N, H, W, C]`` -> ``[N, H, W, C]``."""
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"AttentionLePE expects NHWC [N, H, W, {self.dim}], got {tuple(x.shape)}")
+        self._check(x)
         n, h, w, c = x.shape
         q, k, v = self.qkv(x.reshape(n, h * w, c)).view(n, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, h, w, c)
         lepe = self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out + lepe)
+
+
+register_method(
+    Method(
+        name="biformer",
+        paper="BiFormer: Vision Transformer with Bi-Level Routing Attention (CVPR 2023)",
+        arxiv="2303.08810",
+        modality="vision",
+        ops=("block_sparse_attention",),
+        status="exact to the released weights; timm biformer_tiny/small/base",
+    )
+)
