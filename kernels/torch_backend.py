@@ -39,8 +39,7 @@ class _Plan:
     layout: BlockSparseLayout
     group: int  # query heads per unit (G)
     hkv: int
-    flat_blocks: torch.Tensor  # int64 [U * K]: (batch * Hkv + kv head) * NKB + key block, per unit and slot
-    block_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # the same as (batch, kv head, key block)
+    flat_blocks: torch.Tensor  # int64 [U * K], index into k viewed as [B * Hkv * NKB, block_n, D]
     slot_on: torch.Tensor | None  # bool [U, R, K]: slot usable by the row (count, token mask)
     key_pos: torch.Tensor | None  # int64 [U, 1, K, block_n]: key positions, when masking tokens
     row_limit: torch.Tensor | None  # int64 [U, R, 1, 1]: last visible key position (causal)
@@ -64,13 +63,8 @@ def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mas
     dev = q.device
     idx = layout.kv_indices.long()
     kv_head = torch.arange(hu, device=dev) // (hu // hkv)  # layout head -> kv head
-    maxk_shape = (b, hu, nqb, maxk)
-    block_index = (
-        torch.arange(b, device=dev).view(b, 1, 1, 1).expand(maxk_shape).reshape(-1),
-        kv_head.view(1, hu, 1, 1).expand(maxk_shape).reshape(-1),
-        idx.clamp_min(0).reshape(-1),
-    )
-    flat_blocks = (block_index[0] * hkv + block_index[1]) * nkb + block_index[2]
+    base = (torch.arange(b, device=dev)[:, None] * hkv + kv_head[None, :]) * nkb  # [B, Hu]
+    flat_blocks = (base[:, :, None, None] + idx.clamp_min(0)).reshape(-1)
 
     rows = group * bm
     q_pos = torch.arange(nqb * bm, device=dev).view(nqb, 1, bm).expand(nqb, group, bm).reshape(nqb, rows)
@@ -96,7 +90,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mas
     dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
     chunk = max(1, _CHUNK_ELEMS // max(1, rows * maxk * bn))
-    return _Plan(layout, group, hkv, flat_blocks, block_index, slot_on, key_pos, row_limit, dead, chunk, causal, scale)
+    return _Plan(layout, group, hkv, flat_blocks, slot_on, key_pos, row_limit, dead, chunk, causal, scale)
 
 
 def _to_units(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -120,13 +114,15 @@ def _from_units(x: torch.Tensor, plan: _Plan, shape: torch.Size) -> torch.Tensor
 
 
 def _kv_blocks(x: torch.Tensor, bn: int) -> torch.Tensor:
-    """``[B, Hkv, Skv, D]`` -> fp32 ``[B, Hkv, NKB, block_n, D]``: a view when possible (any strides),
-    zero-padded copy when ``Skv`` is not a multiple of ``block_n``."""
+    """``[B, Hkv, Skv, D]`` -> contiguous fp32 ``[B * Hkv * NKB, block_n, D]`` (zero-padded tail).
+
+    Strided inputs (head-split views of a fused projection) are copied once here: a contiguous copy
+    followed by ``index_select`` of whole blocks beats gathering small blocks from strided memory."""
     pad = -x.shape[2] % bn
     x = x.float()
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    return x.unflatten(2, (-1, bn))
+    return x.contiguous().view(-1, bn, x.shape[-1])
 
 
 def _probs(
@@ -156,27 +152,18 @@ def _probs(
 
 def _chunks(plan: _Plan, kb: torch.Tensor, vb: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Walk the units in cache-sized chunks: ``(units slice, flat block ids, K [n, L, D], V [n, L, D])``,
-    the selected blocks gathered from ``kb, vb [B, Hkv, NKB, block_n, D]``: with ``index_select`` into
-    reused buffers when they are contiguous, straight from the strided views otherwise (no copy first)."""
+    the selected key/value blocks gathered into buffers reused from chunk to chunk."""
     maxk, bn, d = plan.layout.max_blocks, plan.layout.block_n, kb.shape[-1]
     units = plan.units
     n = min(plan.chunk, units)
-    flat = kb.is_contiguous() and vb.is_contiguous()
-    if flat:
-        kf, vf = kb.flatten(0, 2), vb.flatten(0, 2)
-        kg, vg = kb.new_empty(n * maxk, bn, d), vb.new_empty(n * maxk, bn, d)
+    kg, vg = kb.new_empty(n * maxk, bn, d), vb.new_empty(n * maxk, bn, d)
     for start in range(0, units, n):
         s = slice(start, min(start + n, units))
         m = s.stop - s.start
-        pick = slice(s.start * maxk, s.stop * maxk)
-        fi = plan.flat_blocks[pick]
-        if flat:
-            kc = torch.index_select(kf, 0, fi, out=kg[: m * maxk])
-            vc = torch.index_select(vf, 0, fi, out=vg[: m * maxk])
-        else:
-            index = tuple(i[pick] for i in plan.block_index)
-            kc, vc = kb[index], vb[index]
-        yield s, fi, kc.view(m, maxk * bn, d), vc.view(m, maxk * bn, d)
+        fi = plan.flat_blocks[s.start * maxk : s.stop * maxk]
+        torch.index_select(kb, 0, fi, out=kg[: m * maxk])
+        torch.index_select(vb, 0, fi, out=vg[: m * maxk])
+        yield s, fi, kg[: m * maxk].view(m, maxk * bn, d), vg[: m * maxk].view(m, maxk * bn, d)
 
 
 class _BlockSparse(torch.autograd.Function):
@@ -217,8 +204,7 @@ class _BlockSparse(torch.autograd.Function):
         if dlse is not None:
             delta = delta - _to_units(dlse.float()[..., None], plan)[..., 0]
         dq = torch.empty_like(qu)
-        dkb = torch.zeros(kb.shape, device=kb.device).flatten(0, 2)  # [B * Hkv * NKB, block_n, D]
-        dvb = torch.zeros_like(dkb)
+        dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
         n = min(plan.chunk, units)
         p, dp = qu.new_empty(n, rows, keys), qu.new_empty(n, rows, keys)
         dkg, dvg = qu.new_empty(n, keys, d), qu.new_empty(n, keys, d)

@@ -233,9 +233,9 @@ def backbone_rows(
     amp: torch.dtype | None = None,
     progress: bool = True,
 ) -> list[ModelRow]:
-    """Median train-step and eval-forward times of each model, measured in rounds that interleave the
-    models (so a slow phase of a shared machine hits all of them alike). On CUDA the peak allocated
-    memory of each step is recorded too."""
+    """Median train-step and eval-forward times of each model: all training steps first, then all
+    inference forwards, each phase in rounds that interleave the models (so a slow spell of a shared
+    machine hits all of them alike). On CUDA the peak allocated memory of each step is recorded too."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -245,16 +245,17 @@ def backbone_rows(
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
     times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in built}
     peaks: dict[str, list[float]] = {name: [0.0, 0.0] for name in built}
-    for round_ in tqdm(range(repeats + 1), desc="backbones", disable=not progress, file=sys.stderr):
-        for name, model in built.items():
-            for i, (mode, step) in enumerate((("train", lambda: _train_step(model, x, y, amp)), ("eval", lambda: _eval_step(model, x, amp)))):
+    # Training steps first, then inference: each phase as a user runs it, models interleaved per round.
+    for i, mode in enumerate(("train", "eval")):
+        for round_ in tqdm(range(repeats + 1), desc=f"backbones ({mode})", disable=not progress, file=sys.stderr):
+            for name, model in built.items():
                 model.train(mode == "train")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
                 _sync(device)
                 start = time.perf_counter()
-                step()
+                _train_step(model, x, y, amp) if mode == "train" else _eval_step(model, x, amp)
                 _sync(device)
                 if round_:  # the first round warms up
                     times[name][i].append((time.perf_counter() - start) * 1e3)
