@@ -38,14 +38,12 @@ class _Plan:
 
     layout: BlockSparseLayout
     group: int  # query heads per unit (G)
-    hkv: int
     flat_blocks: torch.Tensor  # int64 [U * K], index into k viewed as [B * Hkv * NKB, block_n, D]
     slot_on: torch.Tensor | None  # bool [U, R, K]: slot usable by the row (count, token mask)
     key_pos: torch.Tensor | None  # int64 [U, 1, K, block_n]: key positions, when masking tokens
     row_limit: torch.Tensor | None  # int64 [U, R, 1, 1]: last visible key position (causal)
     dead: torch.Tensor | None  # bool [U, R]: rows that see no key
     chunk: int
-    causal: bool
     scale: float
 
     @property
@@ -90,7 +88,7 @@ def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mas
     dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
     chunk = max(1, _CHUNK_ELEMS // max(1, rows * maxk * bn))
-    return _Plan(layout, group, hkv, flat_blocks, slot_on, key_pos, row_limit, dead, chunk, causal, scale)
+    return _Plan(layout, group, flat_blocks, slot_on, key_pos, row_limit, dead, chunk, scale)
 
 
 def _to_units(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -184,7 +182,7 @@ class _BlockSparse(torch.autograd.Function):
                 lse[s] = part
         if need_lse and plan.dead is not None:
             lse.masked_fill_(plan.dead, float("-inf"))
-        ctx.plan, ctx.need_lse = plan, need_lse
+        ctx.plan = plan
         ctx.save_for_backward(q, k, v, out)
         o = _from_units(out, plan, q.shape).to(q.dtype)
         lse_out = _from_units(lse[..., None], plan, (*q.shape[:3], 1))[..., 0] if need_lse else None

@@ -117,8 +117,8 @@ class BiLevelRoutingAttention(_LePEAttention):
         # attention output back to the spatial map, summed with the LCE in the same pass (the sum
         # takes the memory order of its first operand: contiguous NHWC)
         spatial = (n, s, rh, s, rw, m, d)
-        out = (lepe.reshape(spatial) + out.view(n, m, s, s, rh, rw, d).permute(0, 2, 4, 3, 5, 1, 6)).view(n, hh, ww, c)
-        out = self.proj(out)
+        out = lepe.reshape(spatial) + out.reshape(n, m, s, s, rh, rw, d).permute(0, 2, 4, 3, 5, 1, 6)
+        out = self.proj(out.reshape(n, hh, ww, c))
         return out[:, :h_in, :w_in] if (pad_b or pad_r) else out
 
 
