@@ -259,6 +259,14 @@ class BlockSparseLayout:
             seq_lengths=(self.q_len, self.kv_len),
         )
 
+    def to(self, device: torch.device | str) -> BlockSparseLayout:
+        """The same layout with its tensors on ``device``."""
+        if torch.device(device) == self.device:
+            return self
+        return BlockSparseLayout(
+            self.kv_num_blocks.to(device), self.kv_indices.to(device), self.block_m, self.block_n, self.q_len, self.kv_len
+        )
+
     def expand_heads(self, batch: int, heads: int) -> BlockSparseLayout:
         """The same layout broadcast to ``[batch, heads, ...]`` (``Hl`` must be 1 or ``heads``)."""
         b, h = self.kv_num_blocks.shape[:2]

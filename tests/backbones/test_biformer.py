@@ -127,17 +127,19 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bra_on_other_backends_matches_gather_reference(official_biformer, backend):
-    """The same module on the dense reference and on the Triton kernels (interpreted on CPU): strided
-    head-split q/k/v views and 2x2-token regions."""
+    """The same module on the dense reference and on the Triton kernels (on the GPU, or interpreted on
+    the CPU): strided head-split q/k/v views and 2x2-token regions."""
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     torch.manual_seed(6)
     ref = randomize(official_biformer.GatherBRA(16, num_heads=2, n_win=4, topk=3))
     ours = vzoo.BiLevelRoutingAttention(16, num_heads=2, n_win=4, topk=3, backend=backend)
     copy_bra(ref, ours)
+    ours.to(dev)
     x = torch.randn(1, 7, 8, 16)
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    xr, xo = x.clone().requires_grad_(), x.clone().to(dev).requires_grad_()
     want, got = ref(xr), ours(xo)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
     w = torch.randn_like(want)
     (want * w).sum().backward()
-    (got * w).sum().backward()
-    torch.testing.assert_close(xo.grad, xr.grad, atol=1e-5, rtol=1e-5)
+    (got * w.to(dev)).sum().backward()
+    torch.testing.assert_close(xo.grad.cpu(), xr.grad, atol=1e-5, rtol=1e-5)

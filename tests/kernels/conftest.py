@@ -11,7 +11,9 @@ import torch
 
 
 def loop_mask(kv_num_blocks, kv_indices, block_m, block_n, q_len, kv_len, causal, token_mask=None):
-    """bool [B, Hl, Sq, Skv] from row lists, one query block and one slot at a time."""
+    """bool [B, Hl, Sq, Skv] (on the CPU) from row lists, one query block and one slot at a time."""
+    kv_num_blocks, kv_indices = kv_num_blocks.cpu(), kv_indices.cpu()
+    token_mask = None if token_mask is None else token_mask.cpu()
     b, h, nqb = kv_num_blocks.shape
     allowed = torch.zeros(b, h, q_len, kv_len, dtype=torch.bool)
     for bi in range(b):
@@ -34,8 +36,10 @@ def loop_mask(kv_num_blocks, kv_indices, block_m, block_n, q_len, kv_len, causal
 
 
 def naive_attention(q, k, v, allowed, scale=None):
-    """float64 masked softmax attention; empty rows give 0 and -inf. Returns (out, lse)."""
+    """float64 masked softmax attention on the CPU (differentiable back to inputs on any device);
+    empty rows give 0 and -inf. Returns (out, lse)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, allowed = q.cpu(), k.cpu(), v.cpu(), allowed.cpu()
     g = q.shape[1] // k.shape[1]
     k = k.double().repeat_interleave(g, 1)
     v = v.double().repeat_interleave(g, 1)
@@ -55,8 +59,17 @@ def naive_attention(q, k, v, allowed, scale=None):
 
 
 def rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:
-    ref, got = ref.detach().double(), got.detach().double()
+    ref, got = ref.detach().cpu().double(), got.detach().cpu().double()
     return float((ref - got).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12))
+
+
+# Where the Triton backend runs: the GPU when there is one, else the CPU under TRITON_INTERPRET=1.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> str:
+    return TRITON_DEVICE
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ def make_problem(case, dtype=torch.float32, seed=0):
 
 def loss_of(out, lse):
     """A loss that weights every output element differently and also pulls on the lse."""
-    w = torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64)
+    w = torch.linspace(-1, 1, out.shape[-1], dtype=torch.float64, device=out.device)
     return (out.double() * w).sum() + torch.where(torch.isinf(lse), 0.0, lse.double()).sum()
 
 
@@ -54,12 +54,14 @@ def oracle_run(oracle, q, k, v, layout, causal, token_mask=None):
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_matches_oracle_fp32(oracle, backend, causal, case):
+def test_matches_oracle_fp32(oracle, triton_device, backend, causal, case):
     q, k, v, layout = make_problem(case)
+    dev = triton_device if backend == "triton" else "cpu"
     got = run_with_grads(
-        lambda q, k, v: vk.block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True, backend=backend),
-        q, k, v,
+        lambda q, k, v: vk.block_sparse_attention(q, k, v, layout.to(dev), causal=causal, return_lse=True, backend=backend),
+        q.to(dev), k.to(dev), v.to(dev),
     )
+    got = [t.detach().cpu() for t in got]
     want = oracle_run(oracle, q, k, v, layout, causal)
     for name, w, g in zip(("out", "lse", "dq", "dk", "dv"), want, got):
         assert g.shape == w.shape, name

@@ -35,7 +35,7 @@ CASES = {
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_token_routed_matches_oracle(oracle, backend, causal, case):
+def test_token_routed_matches_oracle(oracle, triton_device, backend, causal, case):
     b, hq, hkv, sq, skv, d, bn, kk, hl, tile = case
     g = torch.Generator().manual_seed(7)
     q, k, v = torch.randn(b, hq, sq, d, generator=g), torch.randn(b, hkv, skv, d, generator=g), torch.randn(b, hkv, skv, d, generator=g)
@@ -44,19 +44,21 @@ def test_token_routed_matches_oracle(oracle, backend, causal, case):
     block_cnt = torch.randint(0, kk + 1, (b, hl, sq), generator=g, dtype=torch.int32)
     allowed = routed_mask(block_idx, block_cnt, bn, sq, skv, causal)
 
+    dev = triton_device if backend == "triton" else "cpu"
+
     def grads(fn, *xs):
         xs = [x.clone().requires_grad_() for x in xs]
         out, lse = fn(*xs)
-        loss = (out.double() * torch.linspace(-1, 1, d, dtype=torch.float64)).sum()
+        loss = (out.double() * torch.linspace(-1, 1, d, dtype=torch.float64, device=out.device)).sum()
         loss = loss + torch.where(torch.isinf(lse), 0.0, lse.double()).sum()
-        return (out, lse, *torch.autograd.grad(loss, xs))
+        return [t.detach().cpu() for t in (out, lse, *torch.autograd.grad(loss, xs))]
 
     want = grads(lambda q, k, v: oracle.attention(q, k, v, allowed), q.double(), k.double(), v.double())
     got = grads(
         lambda q, k, v: vk.token_routed_attention(
-            q, k, v, block_idx, block_cnt, block_n=bn, causal=causal, return_lse=True, backend=backend, tile=tile
+            q, k, v, block_idx.to(dev), block_cnt.to(dev), block_n=bn, causal=causal, return_lse=True, backend=backend, tile=tile
         ),
-        q, k, v,
+        q.to(dev), k.to(dev), v.to(dev),
     )
     for name, w, x in zip(("out", "lse", "dq", "dk", "dv"), want, got):
         assert torch.equal(torch.isinf(x), torch.isinf(w)), name

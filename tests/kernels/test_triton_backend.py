@@ -21,6 +21,9 @@ from vzoo.kernels import triton_backend  # noqa: E402
 from vzoo.kernels.block_sparse import run_attention  # noqa: E402
 from vzoo.kernels.layout import BlockSparseLayout  # noqa: E402
 
+# The real kernels on a GPU; the CPU under TRITON_INTERPRET=1 (tests/conftest.py) otherwise.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 # --------------------------------------------------------------------------------------------------
 # Problem set-up
@@ -32,25 +35,25 @@ def random_layout(b, hl, sq, skv, bm, bn, density, seed, empty_rows=()):
     mask = torch.rand(b, hl, nqb, nkb, generator=gen) < density
     for r in empty_rows:
         mask[:, :, r] = False
-    return BlockSparseLayout.from_block_mask(mask, bm, bn, sq, skv)
+    return BlockSparseLayout.from_block_mask(mask, bm, bn, sq, skv).to(DEVICE)
 
 
 def make_qkv(b, hq, hkv, sq, skv, d, dtype, seed, seq_major_q=False):
     gen = torch.Generator().manual_seed(seed)
     if seq_major_q:  # non-contiguous q: a [B, S, H, D] tensor viewed as [B, H, S, D]
-        q = torch.randn(b, sq, hq, d, generator=gen).to(dtype).transpose(1, 2)
+        q = torch.randn(b, sq, hq, d, generator=gen).to(DEVICE, dtype).transpose(1, 2)
     else:
-        q = torch.randn(b, hq, sq, d, generator=gen).to(dtype)
-    k = torch.randn(b, hkv, skv, d, generator=gen).to(dtype)
-    v = torch.randn(b, hkv, skv, d, generator=gen).to(dtype)
+        q = torch.randn(b, hq, sq, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(b, hkv, skv, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(b, hkv, skv, d, generator=gen).to(DEVICE, dtype)
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
 
 
 def grads_of(q, k, v, out, lse, seed):
     """Gradients of a random linear loss of ``out`` and of the finite entries of ``lse``."""
     gen = torch.Generator().manual_seed(seed)
-    g_out = torch.randn(out.shape, generator=gen).to(out.dtype)
-    g_lse = torch.randn(lse.shape, generator=gen).double()
+    g_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    g_lse = torch.randn(lse.shape, generator=gen).to(lse.device, torch.float64)
     loss = (out.double() * g_out.double()).sum() + (torch.where(torch.isinf(lse), 0.0, lse.double()) * g_lse).sum()
     return torch.autograd.grad(loss, (q, k, v))
 
@@ -67,7 +70,7 @@ def compare(oracle, case: dict) -> None:
     token_mask = None
     if case.get("token_mask"):
         gen = torch.Generator().manual_seed(2)
-        token_mask = torch.rand(b, hl, sq, layout.max_blocks, generator=gen) < 0.6
+        token_mask = (torch.rand(b, hl, sq, layout.max_blocks, generator=gen) < 0.6).to(DEVICE)
     q, k, v = make_qkv(b, hq, hkv, sq, skv, d, dtype, seed=3, seq_major_q=case.get("seq_major_q", False))
 
     out, lse = run_attention(
@@ -80,6 +83,8 @@ def compare(oracle, case: dict) -> None:
     allowed = oracle.layout_mask(layout, token_mask, causal)
     ref_out, ref_lse = oracle.attention(q, k, v, allowed, scale)
     ref_grads = grads_of(q, k, v, ref_out, ref_lse, seed=4)
+    out, lse = out.detach().cpu(), lse.detach().cpu()  # the oracle computes on the CPU
+    grads, ref_grads = [g.cpu() for g in grads], [g.cpu() for g in ref_grads]
 
     dead = torch.isinf(ref_lse)
     assert torch.equal(torch.isinf(lse), dead) and not torch.isnan(lse).any()
@@ -185,9 +190,9 @@ def test_all_blocks_selected_equals_sdpa(causal):
     q, k, v = make_qkv(b, hq, hkv, s, s, d, torch.float32, seed=5)
     layout = random_layout(1, 1, s, s, 32, 16, 1.0, seed=0)
     out = block_sparse_attention(q, k, v, layout, causal=causal, backend="triton")
-    grads = grads_of(q, k, v, out, torch.zeros(q.shape[:3]), seed=6)
+    grads = grads_of(q, k, v, out, torch.zeros(q.shape[:3], device=DEVICE), seed=6)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-    ref_grads = grads_of(q, k, v, ref, torch.zeros(q.shape[:3]), seed=6)
+    ref_grads = grads_of(q, k, v, ref, torch.zeros(q.shape[:3], device=DEVICE), seed=6)
     assert (out - ref).abs().max() < 1e-4
     for g, rg in zip(grads, ref_grads):
         assert (g - rg).abs().max() < 1e-4
@@ -203,13 +208,13 @@ def test_gradient_through_lse_only(oracle):
     _, ref_lse = oracle.attention(q, k, v, oracle.layout_mask(layout, None, True), 0.25)
     ref_grads = torch.autograd.grad(torch.where(torch.isinf(ref_lse), 0.0, ref_lse).sum(), (q, k))
     for g, rg in zip(grads, ref_grads):
-        assert (g.double() - rg).abs().max() < 1e-4
+        assert (g.double().cpu() - rg.cpu()).abs().max() < 1e-4
 
 
 def test_backward_is_deterministic():
     q, k, v = make_qkv(1, 4, 2, 64, 64, 16, torch.float16, seed=9)
     layout = random_layout(1, 2, 64, 64, 16, 16, 0.7, seed=10)
-    token_mask = torch.rand(1, 2, 64, layout.max_blocks, generator=torch.Generator().manual_seed(11)) < 0.7
+    token_mask = (torch.rand(1, 2, 64, layout.max_blocks, generator=torch.Generator().manual_seed(11)) < 0.7).to(DEVICE)
 
     def run():
         out, lse = run_attention(
@@ -224,7 +229,7 @@ def test_backward_is_deterministic():
 def test_torch_compile_fullgraph_matches_eager():
     q, k, v = make_qkv(1, 2, 1, 48, 48, 16, torch.float32, seed=13)
     layout = random_layout(1, 1, 48, 48, 16, 16, 0.6, seed=14)
-    token_mask = torch.rand(1, 1, 48, layout.max_blocks, generator=torch.Generator().manual_seed(15)) < 0.7
+    token_mask = (torch.rand(1, 1, 48, layout.max_blocks, generator=torch.Generator().manual_seed(15)) < 0.7).to(DEVICE)
 
     def fn(q, k, v, token_mask):
         out, lse = triton_backend.attend(q, k, v, layout, token_mask, causal=True, scale=0.25, need_lse=True)
@@ -257,16 +262,16 @@ def test_ops_registered_once_across_reimport():
 
 def test_bad_inputs_raise_value_error():
     layout = random_layout(1, 1, 16, 16, 16, 16, 1.0, seed=0)
-    q = torch.randn(1, 1, 16, 300)
+    q = torch.randn(1, 1, 16, 300, device=DEVICE)
     with pytest.raises(ValueError, match="D=300"):
         triton_backend.attend(q, q, q, layout, None, causal=False, scale=1.0, need_lse=False)
-    q = torch.randn(1, 4, 16, 16)
-    kv = torch.randn(1, 2, 16, 16)
+    q = torch.randn(1, 4, 16, 16, device=DEVICE)
+    kv = torch.randn(1, 2, 16, 16, device=DEVICE)
     wrong_heads = random_layout(1, 3, 16, 16, 16, 16, 1.0, seed=0)
     with pytest.raises(ValueError, match="layout"):
         triton_backend.attend(q, kv, kv, wrong_heads, None, causal=False, scale=1.0, need_lse=False)
     with pytest.raises(ValueError, match="token_mask"):
         triton_backend.attend(
-            q, kv, kv, random_layout(1, 2, 16, 16, 16, 16, 1.0, seed=0), torch.ones(1, 2, 16, 5, dtype=torch.bool),
+            q, kv, kv, random_layout(1, 2, 16, 16, 16, 16, 1.0, seed=0), torch.ones(1, 2, 16, 5, dtype=torch.bool, device=DEVICE),
             causal=False, scale=1.0, need_lse=False,
         )
