@@ -8,6 +8,7 @@ from .backends import BACKENDS, backend_status, use_backend
 from .block_sparse import block_sparse_attention
 from .layout import BlockSparseLayout
 from .merge import merge_attention_states
+from .neighborhood import neighborhood_aggregate, neighborhood_rpb_index, neighborhood_window_start
 from .token_routed import token_routed_attention
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "backend_status",
     "block_sparse_attention",
     "merge_attention_states",
+    "neighborhood_aggregate",
+    "neighborhood_rpb_index",
+    "neighborhood_window_start",
     "token_routed_attention",
     "use_backend",
 ]

@@ -88,7 +88,8 @@ def resolve_backend(
     explicit = backend is not None
     name = backend if explicit else _override.get()
     if name is None:
-        name = "triton" if device.type == "cuda" and _triton_reason(device) is None else "torch"
+        gpu = device.type == "cuda" and "triton" in supports and _triton_reason(device) is None
+        name = "triton" if gpu else "torch"
     _check_name(name)
     if name not in supports:
         raise RuntimeError(f"backend {name!r} does not implement this op (available: {', '.join(supports)})")

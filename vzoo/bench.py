@@ -20,7 +20,7 @@ from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 
 __all__ = [
     "Row", "median_ms", "random_layout", "kernel_rows", "format_table", "check_bar", "save_plot",
-    "ModelRow", "backbone_rows", "peak_memory_mb", "format_models",
+    "ModelRow", "backbone_rows", "step_peak_mb", "peak_memory_mb", "format_models",
 ]
 
 
@@ -276,28 +276,29 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def peak_memory_mb(make: Callable[[], torch.nn.Module], mode: str, batch: int = 8, size: int = 224) -> float:
-    """Peak extra resident memory (MiB) of one train step or eval forward (Linux).
+def step_peak_mb(step: Callable[[], object]) -> float:
+    """Peak extra resident memory (MiB) while ``step()`` runs (Linux).
 
     Resets the kernel's resident high-water mark (``/proc/self/clear_refs``), runs the step and reads
     ``VmHWM - VmRSS(before)``. Memory the allocator kept from earlier work would hide part of the
-    peak, so run it in a fresh process (``benchmarks/backbones.py`` starts one per model and mode)."""
+    peak, so call it in a fresh process (the benchmark scripts start one per measurement)."""
     import gc
 
-    model = make().train(mode == "train")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g)
-    y = torch.randint(0, 1000, (batch,), generator=g)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status_kb("VmRSS")
-    if mode == "train":
-        _train_step(model, x, y)
-    else:
-        with torch.inference_mode():
-            model(x)
+    step()
     return (_status_kb("VmHWM") - before) / 1024
+
+
+def peak_memory_mb(make: Callable[[], torch.nn.Module], mode: str, batch: int = 8, size: int = 224) -> float:
+    """Peak extra resident memory (MiB) of one train step or eval forward of a fresh model."""
+    model = make().train(mode == "train")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 1000, (batch,), generator=g)
+    return step_peak_mb(lambda: _train_step(model, x, y) if mode == "train" else _eval_step(model, x))
 
 
 def format_models(rows: Sequence[ModelRow], base: str) -> str:

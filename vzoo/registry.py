@@ -40,6 +40,10 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("reference", "torch", "triton", "flex"),
     ),
     "merge_attention_states": ("exact log-sum-exp merge of partial attention results", ("torch",)),
+    "neighborhood_aggregate": (
+        "per-pixel weighted k x k neighbourhood sum, NATTEN border rule (ContMix dynamic kernels)",
+        ("reference", "torch"),
+    ),
 }
 
 _METHODS: dict[str, Method] = {}
