@@ -137,15 +137,22 @@ def neighborhood_aggregate(
         attn: ``[B, G, H, W, k*k]`` per-pixel weights (e.g. softmaxed dynamic kernels).
         value: ``[B, G, H, W, D]``.
         kernel_size: odd ``k``; ``H, W >= k``.
-        backend: ``"reference"`` (gathers every window: k*k-fold memory) or ``"torch"`` (the default;
-            a tap loop over slices, forward and backward).
+        backend: ``"reference"`` (gathers every window: k*k-fold memory), ``"torch"`` (the CPU default;
+            a tap loop over slices, forward and backward) or ``"triton"`` (the CUDA default; fused
+            kernels, deterministic backward without atomics; on CPU only under ``TRITON_INTERPRET=1``).
 
     Returns:
         ``[B, G, H, W, D]`` in ``value.dtype`` (fp32 accumulation).
     """
     _check(attn, value, kernel_size)
     needs_grad = torch.is_grad_enabled() and (attn.requires_grad or value.requires_grad)
-    name = resolve_backend(backend, value.device, needs_grad=needs_grad, needs_lse=False, supports=("reference", "torch"))
+    name = resolve_backend(
+        backend, value.device, needs_grad=needs_grad, needs_lse=False, supports=("reference", "torch", "triton")
+    )
     if name == "reference":
         return _reference(attn, value, kernel_size)
+    if name == "triton":
+        from .neighborhood_triton import aggregate
+
+        return aggregate(attn, value, kernel_size)
     return _TapLoop.apply(attn, value, kernel_size)

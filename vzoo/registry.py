@@ -42,7 +42,7 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "merge_attention_states": ("exact log-sum-exp merge of partial attention results", ("torch",)),
     "neighborhood_aggregate": (
         "per-pixel weighted k x k neighbourhood sum, NATTEN border rule (ContMix dynamic kernels)",
-        ("reference", "torch"),
+        ("reference", "torch", "triton"),
     ),
 }
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
 import vzoo.kernels as vk
+
+# triton runs on the GPU when there is one, else on the CPU under TRITON_INTERPRET=1 (tests/conftest.py)
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def loop_aggregate(attn, value, k):
@@ -28,25 +33,68 @@ def loop_aggregate(attn, value, k):
 CASES = {"k3": (1, 2, 6, 7, 4, 3), "k5_odd": (2, 3, 7, 9, 3, 5), "k7": (1, 2, 9, 8, 4, 7), "k13_tight": (1, 1, 13, 15, 2, 13), "k17": (1, 1, 17, 18, 2, 17)}
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_matches_loop_oracle_with_gradients(backend, case):
+def test_matches_loop_oracle_with_gradients(triton_device, backend, case):
     b, g, h, w, d, k = case
+    dev = triton_device if backend == "triton" else "cpu"
     gen = torch.Generator().manual_seed(0)
     attn = torch.randn(b, g, h, w, k * k, generator=gen)
     value = torch.randn(b, g, h, w, d, generator=gen)
     upstream = torch.randn(b, g, h, w, d, generator=gen, dtype=torch.float64)
     results = []
     for fn, (a, v) in (
-        (lambda a, v: vk.neighborhood_aggregate(a, v, k, backend=backend), (attn, value)),
+        (lambda a, v: vk.neighborhood_aggregate(a, v, k, backend=backend), (attn.to(dev), value.to(dev))),
         (lambda a, v: loop_aggregate(a, v, k), (attn.double(), value.double())),
     ):
         a, v = a.clone().requires_grad_(), v.clone().requires_grad_()
         out = fn(a, v)
-        results.append((out, *torch.autograd.grad((out.double() * upstream).sum(), (a, v))))
+        grads = torch.autograd.grad((out.double() * upstream.to(out.device)).sum(), (a, v))
+        results.append(tuple(t.detach().cpu() for t in (out, *grads)))
     for name, got, want in zip(("out", "dattn", "dvalue"), *results):
         assert got.shape == want.shape, name
         assert (got.double() - want).abs().max() < 1e-4, name
+
+
+@needs_triton
+def test_triton_backward_is_deterministic(triton_device):
+    """dvalue is gathered per value pixel in a fixed order (no atomics): two backwards agree bit for bit.
+    W = 37 spans two column tiles of the kernels, so it is also checked against the oracle."""
+    b, g, h, w, d, k = 1, 2, 5, 37, 4, 3
+    gen = torch.Generator().manual_seed(2)
+    attn = torch.randn(b, g, h, w, k * k, generator=gen).to(triton_device).requires_grad_()
+    value = torch.randn(b, g, h, w, d, generator=gen).to(triton_device).requires_grad_()
+    upstream = torch.randn(b, g, h, w, d, generator=gen).to(triton_device)
+    runs = []
+    for _ in range(2):
+        out = vk.neighborhood_aggregate(attn, value, k, backend="triton")
+        runs.append((out, *torch.autograd.grad(out, (attn, value), upstream)))
+    for name, first, second in zip(("out", "dattn", "dvalue"), *runs):
+        assert torch.equal(first, second), name
+    a64, v64 = attn.detach().cpu().double().requires_grad_(), value.detach().cpu().double().requires_grad_()
+    want = loop_aggregate(a64, v64, k)
+    want = (want, *torch.autograd.grad(want, (a64, v64), upstream.cpu().double()))
+    for name, got, ref in zip(("out", "dattn", "dvalue"), runs[0], want):
+        assert (got.detach().cpu().double() - ref).abs().max() < 1e-4, name
+
+
+@needs_triton
+def test_triton_half_precision_with_gradients(triton_device):
+    k = 5
+    gen = torch.Generator().manual_seed(1)
+    attn = torch.randn(1, 2, 9, 10, k * k, generator=gen).softmax(-1).half()
+    value = torch.randn(1, 2, 9, 10, 8, generator=gen).half()
+    upstream = torch.randn(1, 2, 9, 10, 8, generator=gen).half()
+    a, v = attn.to(triton_device).requires_grad_(), value.to(triton_device).requires_grad_()
+    out = vk.neighborhood_aggregate(a, v, k, backend="triton")
+    dattn, dvalue = torch.autograd.grad(out, (a, v), upstream.to(triton_device))
+    assert out.dtype == dattn.dtype == dvalue.dtype == torch.float16
+    a64, v64 = attn.double().requires_grad_(), value.double().requires_grad_()
+    want = loop_aggregate(a64, v64, k)
+    want_grads = torch.autograd.grad(want, (a64, v64), upstream.double())
+    tols = (5e-3, 2e-2, 5e-3)
+    for name, got, ref, tol in zip(("out", "dattn", "dvalue"), (out, dattn, dvalue), (want, *want_grads), tols):
+        assert (got.detach().cpu().double() - ref).abs().max() < tol, name
 
 
 def test_half_precision():
@@ -85,3 +133,15 @@ def test_bad_inputs():
         vk.neighborhood_aggregate(attn[0], value[0], 5)
     with pytest.raises(RuntimeError, match="does not implement"):
         vk.neighborhood_aggregate(attn, value, 5, backend="flex")
+
+
+def test_rpb_index_matches_overlock_construction():
+    """OverLoCK builds the same indices another way: per-axis offsets where the middle tap repeats over
+    the interior, plus the tap grid, then the pixel order reversed (its ``apply_rpb``)."""
+    for k, h, w in ((5, 7, 9), (7, 7, 12), (13, 14, 20)):
+        grid = (torch.arange(k)[:, None] * (2 * k - 1) + torch.arange(k)).view(-1)
+        reps_h, reps_w = torch.ones(k, dtype=torch.long), torch.ones(k, dtype=torch.long)
+        reps_h[k // 2], reps_w[k // 2] = h - (k - 1), w - (k - 1)
+        per_pixel = torch.arange(k).repeat_interleave(reps_h)[:, None] * (2 * k - 1) + torch.arange(k).repeat_interleave(reps_w)
+        want = (per_pixel[..., None] + grid).reshape(-1, k * k).flip(0).reshape(h, w, k * k)
+        assert torch.equal(vk.neighborhood_rpb_index(k, h, w), want)
