@@ -21,18 +21,18 @@ interpreter (``wrap_triton`` cannot trace interpreted kernels).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
 from torch import Tensor
 
 from .neighborhood import neighborhood_window_start
+from .triton_ops import INTERPRET, register_pair
 
 __all__ = ["aggregate"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_BLOCK_W = 32
 _MAX_BLOCK_D = 64
 
@@ -244,22 +244,7 @@ def _backward(ctx, dout: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     return dattn, dvalue, None
 
 
-def _register_ops() -> None:
-    """Define ``vzoo::neighborhood_fwd`` / ``vzoo::neighborhood_bwd`` unless already defined."""
-    if hasattr(torch.ops.vzoo, "neighborhood_fwd"):
-        return
-    if _INTERPRET:
-        fwd = torch.library.custom_op("vzoo::neighborhood_fwd", _fwd_impl, mutates_args=())
-        bwd = torch.library.custom_op("vzoo::neighborhood_bwd", _bwd_impl, mutates_args=())
-        fwd.register_fake(_fwd_fake)
-        bwd.register_fake(_bwd_fake)
-    else:
-        fwd = torch.library.triton_op("vzoo::neighborhood_fwd", _fwd_impl, mutates_args=())
-        torch.library.triton_op("vzoo::neighborhood_bwd", _bwd_impl, mutates_args=())
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-_register_ops()
+register_pair("neighborhood", _fwd_impl, _bwd_impl, _fwd_fake, _bwd_fake, _backward, _setup_context)
 
 
 def aggregate(attn: Tensor, value: Tensor, kernel_size: int) -> Tensor:

@@ -19,7 +19,6 @@ programs, a key block ``cdiv(block_n, BLOCK_N)`` loop steps; rows and columns pa
 sequence are masked. Head dims up to 256 are padded to a power of two.
 """
 
-import os
 
 import torch
 import triton
@@ -28,10 +27,10 @@ from torch import Tensor
 
 from .block_sparse import broadcast_heads
 from .layout import BlockSparseLayout
+from .triton_ops import INTERPRET, register_pair
 
 __all__ = ["attend"]
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
 _LOG2E_K = tl.constexpr(_LOG2E)  # the same constant, readable inside kernels
@@ -322,7 +321,7 @@ def _tiles(block_m: int, block_n: int, dim: int, itemsize: int) -> tuple[int, in
 def _flags(q: Tensor) -> dict[str, object]:
     """Compile-time flags: fp32 upcast before ``tl.dot`` under the interpreter, IEEE fp32 dots."""
     return {
-        "UPCAST": _INTERPRET,
+        "UPCAST": INTERPRET,
         "PREC": "ieee" if q.dtype == torch.float32 else None,
     }
 
@@ -471,22 +470,7 @@ def _backward(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | N
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _register_ops() -> None:
-    """Define ``vzoo::block_sparse_fwd`` / ``vzoo::block_sparse_bwd`` unless already defined."""
-    if hasattr(torch.ops.vzoo, "block_sparse_fwd"):
-        return
-    if _INTERPRET:
-        fwd = torch.library.custom_op("vzoo::block_sparse_fwd", _fwd_impl, mutates_args=())
-        bwd = torch.library.custom_op("vzoo::block_sparse_bwd", _bwd_impl, mutates_args=())
-        fwd.register_fake(_fwd_fake)
-        bwd.register_fake(_bwd_fake)
-    else:
-        fwd = torch.library.triton_op("vzoo::block_sparse_fwd", _fwd_impl, mutates_args=())
-        torch.library.triton_op("vzoo::block_sparse_bwd", _bwd_impl, mutates_args=())
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-_register_ops()
+register_pair("block_sparse", _fwd_impl, _bwd_impl, _fwd_fake, _bwd_fake, _backward, _setup_context)
 
 
 def attend(
