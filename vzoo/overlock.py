@@ -1,7 +1,8 @@
 """OverLoCK building blocks (Lou & Yu, "OverLoCK: An Overview-first-Look-Closely-next ConvNet with
 Context-Mixing Dynamic Kernels", CVPR 2025, arXiv 2502.20087; LMMMEng/OverLoCK ``models/overlock.py``).
 
-So far: GRN and the dilated re-parameterisable large-kernel block. Module and parameter names follow
+So far: GRN, the dilated re-parameterisable large-kernel block and the RepConvBlock of the Base-Net
+and Overview-Net (with SE, layer scale and residual depthwise convs). Module and parameter names follow
 the official code so its checkpoints map one to one. All modules take NCHW maps.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm2d
 
-__all__ = ["GRN", "DilatedReparamBlock"]
+__all__ = ["GRN", "DilatedReparamBlock", "SEModule", "LayerScale", "ResDWConv", "RepConvBlock"]
 
 
 class GRN(nn.Module):
@@ -111,3 +114,79 @@ class DilatedReparamBlock(nn.Module):
         merged.bias.copy_(bias)
         self.lk_origin = merged
         del self.origin_bn
+
+
+class SEModule(nn.Module):
+    """Squeeze-and-excitation: ``x * sigmoid(W2 GELU(W1 avgpool(x)))``, hidden ``max(16, C / red)``."""
+
+    def __init__(self, dim: int, red: int = 8) -> None:
+        super().__init__()
+        inner = max(16, dim // red)
+        self.proj = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, inner, 1), nn.GELU(), nn.Conv2d(inner, dim, 1), nn.Sigmoid()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.proj(x)
+
+
+class LayerScale(nn.Module):
+    """Per-channel scale and shift, stored as OverLoCK does (a depthwise 1x1 conv weight ``[C, 1, 1, 1]``)."""
+
+    def __init__(self, dim: int, init_value: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((dim, 1, 1, 1), init_value))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, groups=x.shape[1])
+
+
+class ResDWConv(nn.Conv2d):
+    """``x + DWConv(x)`` (depthwise, with bias)."""
+
+    def __init__(self, dim: int, kernel_size: int = 3) -> None:
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+class RepConvBlock(nn.Module):
+    """Base-Net / Overview-Net block: ``x = x + DW3x3(x)``, then a residual branch LN -> dilated large
+    kernel -> BN -> SE -> 1x1 (x mlp_ratio) -> GELU -> residual DW3x3 -> GRN -> 1x1, scaled by
+    LayerScale; with ``res_scale`` the shortcut is scaled instead (``ls(x) + branch(x)``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 7,
+        mlp_ratio: float = 4.0,
+        ls_init_value: float | None = None,
+        res_scale: bool = False,
+        drop_path: float = 0.0,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__()
+        self.res_scale = res_scale
+        hidden = int(dim * mlp_ratio)
+        self.dwconv = ResDWConv(dim, 3)
+        self.proj = nn.Sequential(
+            LayerNorm2d(dim, eps=1e-6),
+            DilatedReparamBlock(dim, kernel_size, deploy=deploy),
+            nn.BatchNorm2d(dim),
+            SEModule(dim),
+            nn.Conv2d(dim, hidden, 1),
+            nn.GELU(),
+            ResDWConv(hidden, 3),
+            GRN(hidden),
+            nn.Conv2d(hidden, dim, 1),
+            DropPath(drop_path) if drop_path > 0 else nn.Identity(),
+        )
+        self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(x)
+        if self.res_scale:
+            return self.ls(x) + self.proj(x)
+        return x + self.proj[-1](self.ls(self.proj[:-1](x)))
