@@ -21,7 +21,7 @@ import timm
 import torch
 
 import vzoo  # noqa: F401  (registers the timm models)
-from vzoo.bench import backbone_rows, format_models, peak_memory_mb
+from vzoo.bench import backbone_rows, format_models, peak_memory_mb, rows_as_dicts
 
 ROOT = Path(__file__).resolve().parents[1]
 GATHER = "biformer_tiny (gather re-impl.)"
@@ -122,7 +122,7 @@ def main() -> None:
             print(f"{'PASS' if ok else 'FAIL'} {name} vs {base}: {got:.2f} {unit} (bar {bar})")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "backbones.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
+    (out / "backbones.json").write_text(json.dumps(rows_as_dicts(rows), indent=1))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
-import os
 from collections.abc import Iterator
 
 import torch
+
+from .triton_ops import INTERPRET
 
 __all__ = ["BACKENDS", "use_backend", "backend_status", "resolve_backend"]
 
@@ -40,10 +41,6 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
@@ -51,7 +48,7 @@ _HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not
 def _triton_reason(device: torch.device) -> str | None:
     if not _HAS_TRITON:
         return "the triton package is not installed"
-    if device.type == "cuda" or triton_interpreted():
+    if device.type == "cuda" or INTERPRET:
         return None
     return f"triton kernels need a CUDA device (tensors are on {device.type}; set TRITON_INTERPRET=1 to emulate on CPU)"
 

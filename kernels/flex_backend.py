@@ -13,6 +13,7 @@ import torch
 
 from .block_sparse import broadcast_heads
 from .layout import BlockSparseLayout
+from .reference import token_block_mask
 
 __all__ = ["attend"]
 
@@ -52,12 +53,7 @@ def attend(
     offset, bn = layout.kv_len - layout.q_len, layout.block_n
     mask_mod = None
     if token_mask is not None:
-        # chose[b, h, i, j]: token i chose key block j (slot lists scattered to block ids)
-        nkb = layout.num_kv_blocks
-        rows = layout.kv_indices.long()[:, :, torch.arange(layout.q_len, device=q.device) // layout.block_m]
-        chose = torch.zeros(*rows.shape[:3], nkb + 1, dtype=torch.bool, device=q.device)
-        chose.scatter_(-1, torch.where(token_mask & (rows >= 0), rows, nkb), True)
-        chose = chose[..., :nkb].contiguous()
+        chose = token_block_mask(layout, token_mask).contiguous()  # [B, H, Sq, NKB]
 
         def mask_mod(b, h, q_idx, kv_idx):
             keep = chose[b, h, q_idx, kv_idx // bn]

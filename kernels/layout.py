@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockSparseLayout"]
+__all__ = ["BlockSparseLayout", "ids_to_mask"]
+
+
+def ids_to_mask(ids: torch.Tensor, keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Dense bool ``[..., n]`` with True at the ids ``[..., K]`` where ``keep [..., K]`` holds (ids in
+    ``[0, n)`` where kept; others are ignored, duplicates count once)."""
+    mask = torch.zeros(*ids.shape[:-1], n + 1, dtype=torch.bool, device=ids.device)
+    mask.scatter_(-1, torch.where(keep, ids.long(), n), True)  # dropped ids land in the spare column n
+    return mask[..., :n]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -167,9 +175,7 @@ class BlockSparseLayout:
             keep &= torch.arange(idx.shape[-1], device=idx.device) < counts[..., None].long()
         if bool((idx[keep] >= nkb).any()):
             raise ValueError(f"from_topk: block ids must lie in [0, {nkb}) (kv_len={kv_len}, block_n={block_n})")
-        mask = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
-        mask.scatter_(-1, torch.where(keep, idx, nkb), True)
-        return cls.from_block_mask(mask[..., :nkb], block_m, block_n, q_len, kv_len)
+        return cls.from_block_mask(ids_to_mask(idx, keep, nkb), block_m, block_n, q_len, kv_len)
 
     @classmethod
     def static(
@@ -218,11 +224,7 @@ class BlockSparseLayout:
     # ----------------------------------------------------------------------------------------------
     def to_block_mask(self) -> torch.Tensor:
         """Dense bool ``[B, Hl, NQB, NKB]``."""
-        nkb = self.num_kv_blocks
-        idx = torch.where(self.kv_indices >= 0, self.kv_indices.long(), nkb)
-        mask = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
-        mask.scatter_(-1, idx, True)
-        return mask[..., :nkb]
+        return ids_to_mask(self.kv_indices, self.kv_indices >= 0, self.num_kv_blocks)
 
     def density(self) -> float:
         """Fraction of (query block, key block) pairs selected, averaged over batch and heads."""

@@ -47,6 +47,16 @@ def _window_start(pos, length, K: tl.constexpr):
 
 
 @triton.jit
+def _tile(G, W, N_WT, BLOCK_W: tl.constexpr):
+    """The ``(b, g)``, row and row-tile columns this program owns: grid axis 0 walks ``H * N_WT`` row
+    tiles of ``BLOCK_W`` pixels, axis 1 ``B * G``."""
+    pid = tl.program_id(0)
+    bg = tl.program_id(1).to(tl.int64)
+    j = (pid % N_WT) * BLOCK_W + tl.arange(0, BLOCK_W)
+    return bg, bg // G, bg % G, (pid // N_WT).to(tl.int64), j, j < W
+
+
+@triton.jit
 def _fwd_kernel(
     A, V, O,
     s_ab, s_ag, s_ah, s_aw, s_at,
@@ -55,13 +65,7 @@ def _fwd_kernel(
     K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(H * N_WT, B * G, cdiv(D, BLOCK_D))``: ``out`` for one row tile of one ``(b, g)``."""
-    pid = tl.program_id(0)
-    bg = tl.program_id(1).to(tl.int64)
-    b = bg // G
-    g = bg % G
-    i = (pid // N_WT).to(tl.int64)
-    j = (pid % N_WT) * BLOCK_W + tl.arange(0, BLOCK_W)
-    j_ok = j < W
+    bg, b, g, i, j, j_ok = _tile(G, W, N_WT, BLOCK_W)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     si = _window_start(i, H, K)
@@ -93,13 +97,7 @@ def _dattn_kernel(
     K: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Grid ``(H * N_WT, B * G)``: ``dattn[..., t] = sum_d dout * value[shifted by t]`` for one row tile."""
-    pid = tl.program_id(0)
-    bg = tl.program_id(1).to(tl.int64)
-    b = bg // G
-    g = bg % G
-    i = (pid // N_WT).to(tl.int64)
-    j = (pid % N_WT) * BLOCK_W + tl.arange(0, BLOCK_W)
-    j_ok = j < W
+    bg, b, g, i, j, j_ok = _tile(G, W, N_WT, BLOCK_W)
     si = _window_start(i, H, K)
     sj = _window_start(j, W, K)
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .layout import BlockSparseLayout
+from .layout import BlockSparseLayout, ids_to_mask
 
-__all__ = ["dense_attention", "layout_token_mask"]
+__all__ = ["dense_attention", "token_block_mask", "layout_token_mask"]
 
 
 def dense_attention(
@@ -33,24 +33,28 @@ def dense_attention(
     return out.to(q.dtype), lse
 
 
+def token_block_mask(layout: BlockSparseLayout, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """bool ``[B, Hl, Sq, NKB]``: the key blocks each query token uses (its query block's row, less the
+    slots its ``token_mask [B, Hl, Sq, MAXK]`` switches off)."""
+    sq, bm = layout.q_len, layout.block_m
+    b, h, nqb = layout.kv_num_blocks.shape
+    if token_mask is None:  # every token of a query block shares its row
+        per_row = layout.to_block_mask()  # [B, Hl, NQB, NKB]
+        return per_row[:, :, :, None].expand(b, h, nqb, bm, -1).reshape(b, h, nqb * bm, -1)[:, :, :sq]
+    row = torch.arange(sq, device=layout.device) // bm
+    on = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_num_blocks[:, :, row, None]
+    return ids_to_mask(layout.kv_indices[:, :, row], on & token_mask, layout.num_kv_blocks)
+
+
 def layout_token_mask(
     layout: BlockSparseLayout, token_mask: torch.Tensor | None = None, causal: bool = False
 ) -> torch.Tensor:
     """Token-level bool mask ``[B, Hl, Sq, Skv]`` that ``layout`` (and optional per-slot ``token_mask``
     ``[B, Hl, Sq, MAXK]``) selects, with bottom-right causal masking when ``causal``."""
     sq, skv = layout.q_len, layout.kv_len
-    b, h, nqb = layout.kv_num_blocks.shape
-    nkb, bm, bn = layout.num_kv_blocks, layout.block_m, layout.block_n
-    if token_mask is None:  # every token of a query block shares its row
-        per_row = layout.to_block_mask()  # [B, Hl, NQB, NKB]
-        per_token = per_row[:, :, :, None].expand(b, h, nqb, bm, nkb).reshape(b, h, nqb * bm, nkb)[:, :, :sq]
-    else:
-        row = torch.arange(sq, device=layout.device) // bm
-        blocks = layout.kv_indices.long()[:, :, row]  # [B, Hl, Sq, MAXK]: each token's row
-        on = torch.arange(layout.max_blocks, device=layout.device) < layout.kv_num_blocks[:, :, row, None]
-        per_token = torch.zeros(b, h, sq, nkb + 1, dtype=torch.bool, device=layout.device)
-        per_token.scatter_(-1, torch.where(on & token_mask, blocks, nkb), True)
-        per_token = per_token[..., :nkb]  # [B, Hl, Sq, NKB]
+    per_token = token_block_mask(layout, token_mask)
+    b, h, _, nkb = per_token.shape
+    bn = layout.block_n
     allowed = per_token[..., None].expand(b, h, sq, nkb, bn).reshape(b, h, sq, nkb * bn)[..., :skv]
     if causal:
         qi = torch.arange(sq, device=layout.device)

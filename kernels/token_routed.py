@@ -11,21 +11,18 @@ from __future__ import annotations
 import torch
 
 from .block_sparse import check_qkv, run_attention
-from .layout import BlockSparseLayout
+from .layout import BlockSparseLayout, ids_to_mask
 
 __all__ = ["token_routed_attention"]
 
 
 def _routing_mask(block_idx: torch.Tensor, block_cnt: torch.Tensor | int | None, nkb: int) -> torch.Tensor:
     """Dense bool ``[B, Hl, Sq, NKB]``: which key blocks each token chose."""
-    idx = block_idx.long()
-    keep = idx >= 0
+    keep = block_idx >= 0
     if block_cnt is not None:
-        cnt = torch.as_tensor(block_cnt, device=idx.device)
-        keep = keep & (torch.arange(idx.shape[-1], device=idx.device) < cnt.long()[..., None])
-    chosen = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
-    chosen.scatter_(-1, torch.where(keep, idx, nkb), True)
-    return chosen[..., :nkb]
+        cnt = torch.as_tensor(block_cnt, device=block_idx.device)
+        keep = keep & (torch.arange(block_idx.shape[-1], device=block_idx.device) < cnt.long()[..., None])
+    return ids_to_mask(block_idx, keep, nkb)
 
 
 def token_routed_attention(

@@ -239,8 +239,8 @@ def _dense_is_faster(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout
     if b * mask_heads * sq * skv > _MAX_MASK_ELEMS:
         return False
     units = b * hq * layout.num_q_blocks
-    sparse = 4 * d * float(layout.kv_num_blocks.sum()) * (b * hq // (layout.batch_size * layout.num_heads))
-    sparse *= layout.block_m * layout.block_n
+    pairs = float(layout.kv_num_blocks.sum()) * (b * hq) / (layout.batch_size * layout.num_heads)  # block pairs
+    sparse = 4.0 * d * pairs * layout.block_m * layout.block_n
     dense = 4.0 * d * b * hq * sq * skv
     return dense / _DENSE_FLOPS < sparse / _SPARSE_FLOPS + units * _UNIT_SECONDS
 

@@ -196,7 +196,7 @@ def save_plot(rows: Sequence[Row], path: str) -> None:
     plt.close(fig)
 
 
-def rows_as_dicts(rows: Sequence[Row]) -> list[dict]:
+def rows_as_dicts(rows: Sequence[Row | ModelRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
