@@ -1,8 +1,13 @@
-"""BiFormer-T against the gather-based implementation of the official semantics (same weights) and
-against timm models of similar FLOPs: training-step and inference times, peak memory.
+"""vzoo backbones against plain re-implementations of the official semantics (same weights) and against
+timm models of similar FLOPs: training-step and inference times, peak memory.
 
-    python benchmarks/backbones.py                 # CPU, fp32, batch 8, 224 x 224
-    python benchmarks/backbones.py --official-repo ~/src/BiFormer   # also the official code itself
+- BiFormer-T vs the gather-based BRA (and the official code with --official-repo), swin_tiny,
+  convnextv2_nano, pvt_v2_b1;
+- OverLoCK-T vs the unfold-based ContMix of the official no-NATTEN path, convnext_tiny, biformer_small.
+
+    python benchmarks/backbones.py                 # CPU, fp32, batch 8, 224 x 224, both families
+    python benchmarks/backbones.py --family overlock
+    python benchmarks/backbones.py --official-repo ~/src/BiFormer   # also the official BiFormer code
 
 Times are medians over interleaved rounds in one process; peak memory is measured per model and mode
 in a fresh child process (the process high-water mark around one step).
@@ -28,11 +33,14 @@ GATHER = "biformer_tiny (gather re-impl.)"
 OFFICIAL = "biformer_tiny (official code)"
 VZOO = "biformer_tiny (vzoo)"
 BASELINES = ("swin_tiny_patch4_window7_224", "convnextv2_nano", "pvt_v2_b1")
+OVERLOCK = "overlock_t (vzoo)"
+UNFOLD = "overlock_t (unfold re-impl.)"
+OVERLOCK_BASELINES = ("convnext_tiny", "biformer_small")
 
 
-def _official():
-    """The independent gather-based re-implementation kept with the fidelity tests."""
-    spec = importlib.util.spec_from_file_location("official_biformer", ROOT / "tests/backbones/official_biformer.py")
+def _official(name: str = "official_biformer"):
+    """An independent re-implementation kept with the fidelity tests (official key layout)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"tests/backbones/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -55,6 +63,27 @@ def _official_code(repo: str):
         before_attn_dwconv=3, layer_scale_init_value=-1, qk_dims=[64, 128, 256, 512], head_dim=32,
         param_routing=False, diff_routing=False, soft_routing=False, pre_norm=True, pe=None,
     )
+
+
+def overlock_factories() -> dict:
+    def official_layout():
+        torch.manual_seed(0)
+        return _official("official_overlock").OverLoCK(
+            depth=(4, 4, 6, 2), sub_depth=(12, 2), dims=(64, 128, 256, 512), kernels=(17, 15, 13, 7), sub_heads=(4, 8)
+        )
+
+    def unfold():
+        return _Logits(official_layout())
+
+    def ours():
+        # the very same weights, loaded through the official-checkpoint path (aux head dropped: unused)
+        model = timm.create_model("overlock_t")
+        model.load_state_dict(vzoo.backbones.overlock.checkpoint_filter_fn(official_layout().state_dict(), model))
+        return model
+
+    made = {OVERLOCK: ours, UNFOLD: unfold}
+    made.update({name: (lambda name=name: timm.create_model(name)) for name in OVERLOCK_BASELINES})
+    return made
 
 
 def factories(official_repo: str | None = None) -> dict:
@@ -81,21 +110,19 @@ def factories(official_repo: str | None = None) -> dict:
     return made
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--amp", choices=["bfloat16", "float16"], help="autocast dtype (default: fp32)")
-    p.add_argument("--official-repo", metavar="PATH", help="checkout of rayleizhu/BiFormer: time its code too")
-    p.add_argument("--out", default="bench-results")
-    p.add_argument("--memory", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)  # child process
-    a = p.parse_args()
-    made = factories(a.official_repo)
-    if a.memory:
-        print(peak_memory_mb(made[a.memory[0]], a.memory[1], a.batch, a.size))
-        return
+class _Logits(torch.nn.Module):
+    """The unfold re-implementation without its aux head (vzoo's models have none by default): logits only."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        del model.aux_head
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head(self.model.features(x)[0][-1]).flatten(1)
+
+
+def _family(made: dict, vzoo_name: str, refs: tuple[str, ...], a: argparse.Namespace) -> list:
     amp = getattr(torch, a.amp) if a.amp else None
     rows = backbone_rows(made, batch=a.batch, size=a.size, repeats=a.repeats, device=a.device, amp=amp)
     for row in rows if a.device == "cpu" else ():  # CUDA peaks are measured in-process
@@ -105,10 +132,10 @@ def main() -> None:
             mb = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
             setattr(row, f"{mode}_mb", mb)
     print(f"batch {a.batch}, {a.size}x{a.size}, {a.amp or 'fp32'} on {a.device}, {torch.get_num_threads()} threads, median of {a.repeats}")
-    print(format_models(rows, VZOO))
+    print(format_models(rows, vzoo_name))
     by = {r.name: r for r in rows}
-    ours = by[VZOO]
-    for base in (OFFICIAL, GATHER):
+    ours = by[vzoo_name]
+    for base in refs:
         if base not in by:
             continue
         ref = by[base]
@@ -120,9 +147,33 @@ def main() -> None:
         for name, got, bar, unit in checks:
             ok = got <= bar if "memory" in name else got >= bar
             print(f"{'PASS' if ok else 'FAIL'} {name} vs {base}: {got:.2f} {unit} (bar {bar})")
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="all", choices=["all", "biformer", "overlock"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", choices=["bfloat16", "float16"], help="autocast dtype (default: fp32)")
+    p.add_argument("--official-repo", metavar="PATH", help="checkout of rayleizhu/BiFormer: time its code too")
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--memory", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)  # child process
+    a = p.parse_args()
+    if a.memory:
+        made = {**factories(a.official_repo), **overlock_factories()}
+        print(peak_memory_mb(made[a.memory[0]], a.memory[1], a.batch, a.size))
+        return
+    rows = []
+    if a.family in ("all", "biformer"):
+        rows += _family(factories(a.official_repo), VZOO, (OFFICIAL, GATHER), a)
+    if a.family in ("all", "overlock"):
+        rows += _family(overlock_factories(), OVERLOCK, (UNFOLD,), a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "backbones.json").write_text(json.dumps(rows_as_dicts(rows), indent=1))
+    (out / f"backbones{'' if a.family == 'all' else '_' + a.family}.json").write_text(json.dumps(rows_as_dicts(rows), indent=1))
 
 
 if __name__ == "__main__":

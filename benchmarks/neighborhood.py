@@ -14,20 +14,10 @@ import sys
 
 import torch
 
-from vzoo.bench import median_ms, step_peak_mb
-from vzoo.kernels import neighborhood_aggregate
+from vzoo.bench import NEIGHBORHOOD_BAR_CASE, median_ms, neighborhood_step, step_peak_mb
 
 # (B, channels, H, W, kernel, groups): the bar case first, then detection-like maps
-CASES = [(2, 256, 50, 68, 13, 8), (2, 128, 100, 136, 13, 4), (2, 512, 25, 34, 7, 16)]
-
-
-def _step(case, backend: str):
-    b, ch, h, w, k, g = case
-    gen = torch.Generator().manual_seed(0)
-    attn = torch.randn(b, g, h, w, k * k, generator=gen).softmax(-1).requires_grad_()
-    value = torch.randn(b, g, h, w, ch // g, generator=gen).requires_grad_()
-    upstream = torch.randn(b, g, h, w, ch // g, generator=gen)
-    return lambda: neighborhood_aggregate(attn, value, k, backend=backend).backward(upstream)
+CASES = [NEIGHBORHOOD_BAR_CASE, (2, 128, 100, 136, 13, 4), (2, 512, 25, 34, 7, 16)]
 
 
 def main() -> None:
@@ -36,13 +26,13 @@ def main() -> None:
     p.add_argument("--memory", nargs=2, metavar=("CASE", "BACKEND"), help=argparse.SUPPRESS)  # child process
     a = p.parse_args()
     if a.memory:
-        print(step_peak_mb(_step(CASES[int(a.memory[0])], a.memory[1])))
+        print(step_peak_mb(neighborhood_step(CASES[int(a.memory[0])], a.memory[1])))
         return
     print(f"{'B,C,H,W,K,G':<24} {'backend':>9} {'fwd+bwd ms':>11} {'x':>6} {'peak MB':>8}")
     for n, case in enumerate(CASES):
         res = {}
         for backend in ("reference", "torch"):
-            ms = median_ms(_step(case, backend), torch.device("cpu"), a.repeats)
+            ms = median_ms(neighborhood_step(case, backend), torch.device("cpu"), a.repeats)
             cmd = [sys.executable, __file__, "--memory", str(n), backend]
             mb = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
             res[backend] = (ms, mb)

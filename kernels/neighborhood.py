@@ -128,6 +128,11 @@ class _TapLoop(torch.autograd.Function):
         return dattn.to(attn.dtype), dvalue.to(value.dtype), None
 
 
+@torch.compiler.disable  # opaque to torch.compile: tracing unrolls k*k taps per call
+def _tap_loop(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
+    return _TapLoop.apply(attn, value, k)
+
+
 def neighborhood_aggregate(
     attn: torch.Tensor, value: torch.Tensor, kernel_size: int, *, backend: str | None = None
 ) -> torch.Tensor:
@@ -155,4 +160,4 @@ def neighborhood_aggregate(
         from .neighborhood_triton import aggregate
 
         return aggregate(attn, value, kernel_size)
-    return _TapLoop.apply(attn, value, kernel_size)
+    return _tap_loop(attn, value, kernel_size)

@@ -47,6 +47,11 @@ def test_kernel_rows_measure_and_check_tiny_case(tmp_path):
     assert "vzoo" in bench.format_table(rows)
 
 
+def test_neighborhood_rows_time_both_backends():
+    fast, ref = bench.neighborhood_rows((1, 8, 9, 11, 5, 2), repeats=1)
+    assert (fast.name, ref.name) == ("torch", "reference") and fast.ms > 0 and ref.ms > 0
+
+
 def test_random_layout_density():
     lay = bench.random_layout(1, 2, 1024, 64, 4, torch.device("cpu"))
     assert torch.all(lay.kv_num_blocks == 4) and lay.density() == pytest.approx(4 / 16)

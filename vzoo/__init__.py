@@ -10,6 +10,6 @@ __version__ = "0.1.0"
 
 from . import backbones  # noqa: E402,F401  (registers the timm models)
 from .biformer import AttentionLePE, BiLevelRoutingAttention  # noqa: E402
-from .overlock import GRN, DilatedReparamBlock  # noqa: E402
+from .overlock import GRN, ContMix, DilatedReparamBlock, DynamicConvBlock  # noqa: E402
 
-__all__ = ["AttentionLePE", "BiLevelRoutingAttention", "DilatedReparamBlock", "GRN", "__version__"]
+__all__ = ["AttentionLePE", "BiLevelRoutingAttention", "ContMix", "DilatedReparamBlock", "DynamicConvBlock", "GRN", "__version__"]

@@ -200,6 +200,37 @@ def rows_as_dicts(rows: Sequence[Row | ModelRow]) -> list[dict]:
     return [asdict(r) for r in rows]
 
 
+# -- neighborhood aggregation (ContMix) ----------------------------------------------------------
+NEIGHBORHOOD_BAR_CASE = (2, 256, 50, 68, 13, 8)  # (B, channels, H, W, kernel, groups): a detection /16 map
+
+
+@dataclass
+class OpRow:
+    name: str
+    ms: float
+
+
+def neighborhood_step(case: Sequence[int], backend: str, device: str | torch.device = "cpu") -> Callable[[], None]:
+    """One forward+backward of ``neighborhood_aggregate`` on random softmaxed taps for ``case``."""
+    from vzoo.kernels import neighborhood_aggregate
+
+    b, ch, h, w, k, g = case
+    gen = torch.Generator().manual_seed(0)
+    attn = torch.randn(b, g, h, w, k * k, generator=gen).softmax(-1).to(device).requires_grad_()
+    value = torch.randn(b, g, h, w, ch // g, generator=gen).to(device).requires_grad_()
+    upstream = torch.randn(b, g, h, w, ch // g, generator=gen).to(device)
+    return lambda: neighborhood_aggregate(attn, value, k, backend=backend).backward(upstream)
+
+
+def neighborhood_rows(
+    case: Sequence[int] = NEIGHBORHOOD_BAR_CASE, device: str | torch.device = "cpu", repeats: int = 5
+) -> tuple[OpRow, OpRow]:
+    """``(fast backend, reference)`` forward+backward medians: triton on CUDA, torch on CPU."""
+    device = torch.device(device)
+    fast = "triton" if device.type == "cuda" else "torch"
+    return tuple(OpRow(name, median_ms(neighborhood_step(case, name, device), device, repeats)) for name in (fast, "reference"))
+
+
 # -- backbones -----------------------------------------------------------------------------------
 @dataclass
 class ModelRow:

@@ -40,11 +40,24 @@ def _bench_backbones(args: argparse.Namespace, device: str) -> None:
     import vzoo  # noqa: F401  (registers the timm models)
     from vzoo.bench import backbone_rows, format_models
 
-    names = ["biformer_tiny", "convnextv2_nano", "pvt_v2_b1"] + ([] if args.quick else ["swin_tiny_patch4_window7_224"])
+    groups = {  # each vzoo model next to timm models of similar FLOPs
+        "biformer_tiny": ["convnextv2_nano", "pvt_v2_b1"] + ([] if args.quick else ["swin_tiny_patch4_window7_224"]),
+        "overlock_t": ["convnext_tiny", "biformer_small"],
+    }
     batch = 8 if device == "cpu" else 128
-    print(f"\nbackbones: batch {batch}, 224x224, train step (fwd+bwd) and eval forward, median of {args.repeats}")
-    rows = backbone_rows({n: (lambda n=n: timm.create_model(n)) for n in names}, batch=batch, repeats=args.repeats, device=device)
-    print(format_models(rows, "biformer_tiny"))
+    for ours, others in groups.items():
+        print(f"\nbackbones: batch {batch}, 224x224, train step (fwd+bwd) and eval forward, median of {args.repeats}")
+        names = [ours, *others]
+        rows = backbone_rows({n: (lambda n=n: timm.create_model(n)) for n in names}, batch=batch, repeats=args.repeats, device=device)
+        print(format_models(rows, ours))
+
+
+def _bench_neighborhood(args: argparse.Namespace, device: str) -> None:
+    from vzoo.bench import neighborhood_rows
+
+    print("\nneighborhood_aggregate (ContMix): fwd+bwd, B=2 C=256 50x68 K=13 8 groups, fast backend vs reference (unfold)")
+    fast, ref = neighborhood_rows(device=device, repeats=args.repeats)
+    print(f"  {ref.name}: {ref.ms:.1f} ms   {fast.name}: {fast.ms:.1f} ms   {ref.ms / fast.ms:.2f}x faster")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -64,6 +77,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         save_plot(rows, args.plot)
         print(f"plot saved to {args.plot}")
+    _bench_neighborhood(args, device)
     _bench_backbones(args, device)
     return 1 if args.strict and not all(v.startswith("PASS") for v in verdicts) else 0
 

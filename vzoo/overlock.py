@@ -1,8 +1,11 @@
 """OverLoCK building blocks (Lou & Yu, "OverLoCK: An Overview-first-Look-Closely-next ConvNet with
 Context-Mixing Dynamic Kernels", CVPR 2025, arXiv 2502.20087; LMMMEng/OverLoCK ``models/overlock.py``).
 
-So far: GRN, the dilated re-parameterisable large-kernel block and the RepConvBlock of the Base-Net
-and Overview-Net (with SE, layer scale and residual depthwise convs). Module and parameter names follow
+GRN, the dilated re-parameterisable large-kernel block, the RepConvBlock of the Base-Net and
+Overview-Net, and ContMix: per-pixel dynamic kernels built from the affinity of each pixel to 7 x 7
+pooled region centres (:func:`contmix_kernels`), applied with NATTEN's border rule by
+:func:`vzoo.kernels.neighborhood_aggregate`. :class:`ContMix` is the plug-in block (``models/contmix.py``),
+:class:`DynamicConvBlock` the Focus-Net block with its context stream. Module and parameter names follow
 the official code so its checkpoints map one to one. All modules take NCHW maps.
 """
 
@@ -11,9 +14,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d
+from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 
-__all__ = ["GRN", "DilatedReparamBlock", "SEModule", "LayerScale", "ResDWConv", "RepConvBlock"]
+from vzoo.kernels import neighborhood_aggregate, neighborhood_rpb_index
+from vzoo.registry import Method, register_method
+
+__all__ = [
+    "GRN", "DilatedReparamBlock", "SEModule", "LayerScale", "ResDWConv", "RepConvBlock",
+    "contmix_kernels", "ContMix", "DynamicConvBlock", "CTXDownsample",
+]
 
 
 class GRN(nn.Module):
@@ -190,3 +199,258 @@ class RepConvBlock(nn.Module):
         if self.res_scale:
             return self.ls(x) + self.proj(x)
         return x + self.proj[-1](self.ls(self.proj[:-1](x)))
+
+
+def _with_rpb(logits: torch.Tensor, rpb: torch.Tensor) -> torch.Tensor:
+    """Add a ``[G, 2k-1, 2k-1]`` relative-position bias to tap logits ``[B, G, H, W, k*k]``, looked up with
+    the same border-clamped windows the aggregation uses."""
+    k = (rpb.shape[-1] + 1) // 2
+    index = neighborhood_rpb_index(k, logits.shape[2], logits.shape[3], logits.device)
+    return logits + rpb.flatten(1)[:, index]
+
+
+def contmix_kernels(
+    query: torch.Tensor, key: torch.Tensor, weight_proj: nn.Conv2d, rpb_small: torch.Tensor, rpb_large: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ContMix's dynamic kernels: ``softmax(RPB + Linear_{L -> k^2 + K^2}(q . k_regions))`` per pixel and group.
+
+    Args:
+        query: ``[B, G*c, H, W]``, already scaled.
+        key: ``[B, G*c, 7, 7]``: the ``L = 49`` pooled region tokens (any ``L`` matching ``weight_proj``).
+        weight_proj: ``Conv2d(L, k*k + K*K, 1)`` (with bias), shared by all pixels and groups.
+        rpb_small, rpb_large: ``[G, 2k-1, 2k-1]`` and ``[G, 2K-1, 2K-1]`` relative-position biases.
+
+    Returns:
+        ``([B, G, H, W, k*k], [B, G, H, W, K*K])`` softmaxed taps, NATTEN's tap order.
+    """
+    groups = rpb_small.shape[0]
+    b, channels, h, w = query.shape
+    if channels % groups or key.shape[:2] != query.shape[:2] or key[0, 0].numel() != weight_proj.in_channels:
+        raise ValueError(
+            f"contmix_kernels: query {tuple(query.shape)} and key {tuple(key.shape)} must share [B, C] with C divisible "
+            f"by {groups} groups, and key must hold {weight_proj.in_channels} region tokens"
+        )
+    q = query.reshape(b, groups, channels // groups, h * w).transpose(-1, -2)  # [B, G, HW, c]
+    regions = key.reshape(b, groups, channels // groups, -1)  # [B, G, c, L]
+    # The L -> taps projection is linear in the affinity q . k, so fold it into the keys first:
+    # (q^T k) W^T = q^T (k W^T) costs c*T per pixel instead of L*(c + T).
+    taps = q @ (regions @ weight_proj.weight.flatten(1).t()) + weight_proj.bias  # [B, G, HW, T]
+    sizes = [((rpb.shape[-1] + 1) // 2) ** 2 for rpb in (rpb_small, rpb_large)]
+    if taps.shape[-1] != sum(sizes):
+        raise ValueError(f"contmix_kernels: weight_proj gives {taps.shape[-1]} taps but the biases need {sizes[0]} + {sizes[1]}")
+    small, large = taps.view(b, groups, h, w, -1).split(sizes, -1)
+    return _with_rpb(small, rpb_small).softmax(-1), _with_rpb(large, rpb_large).softmax(-1)
+
+
+class _ContMixBase(nn.Module):
+    """What the plug-in ContMix and the Focus-Net DynamicConvBlock share: query/key/tap projections, the
+    two dynamic-kernel branches, LEPE, SE, gate, output projection and the ConvFFN, with the official names.
+
+    ``dim`` channels are mixed; the block's input and output have ``out_dim`` channels (``dim`` plus the
+    context stream, if any); keys are pooled from ``key_dim`` channels.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        key_dim: int,
+        kernel_size: int,
+        smk_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        ls_init_value: float | None,
+        res_scale: bool,
+        drop_path: float,
+        deploy: bool,
+        rpb_std: float,
+    ) -> None:
+        super().__init__()
+        groups = 2 * num_heads
+        if dim % (2 * groups):
+            raise ValueError(f"{type(self).__name__}: dim={dim} must be divisible by 4 * num_heads = {2 * groups}")
+        if smk_size > kernel_size or smk_size % 2 == 0:
+            raise ValueError(f"{type(self).__name__}: smk_size={smk_size} must be odd and at most kernel_size={kernel_size}")
+        self.dim, self.kernel_size, self.smk_size, self.num_heads, self.res_scale = dim, kernel_size, smk_size, groups, res_scale
+        self.scale = (dim // groups) ** -0.5  # official quirk: the group width is dim / (2 G)
+        self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
+        self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(key_dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
+        self.weight_proj = nn.Conv2d(49, kernel_size**2 + smk_size**2, 1)
+        self.lepe = nn.Sequential(DilatedReparamBlock(dim, kernel_size, deploy=deploy), nn.BatchNorm2d(dim))
+        self.se_layer = SEModule(dim)
+        self.gate = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.SiLU())
+        self.proj = nn.Sequential(nn.BatchNorm2d(dim), nn.Conv2d(dim, out_dim, 1))
+        self.dwconv2 = ResDWConv(out_dim, 3)
+        self.norm2 = LayerNorm2d(out_dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Conv2d(out_dim, hidden, 1), nn.GELU(), ResDWConv(hidden, 3), GRN(hidden), nn.Conv2d(hidden, out_dim, 1)
+        )
+        self.ls1 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.ls2 = LayerScale(out_dim, ls_init_value) if ls_init_value is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.rpb1 = nn.Parameter(torch.zeros(groups, 2 * smk_size - 1, 2 * smk_size - 1))
+        self.rpb2 = nn.Parameter(torch.zeros(groups, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        if rpb_std:
+            trunc_normal_(self.rpb1, std=rpb_std)
+            trunc_normal_(self.rpb2, std=rpb_std)
+
+    def _working_size(self, h: int, w: int) -> tuple[int, int] | None:
+        """Maps smaller than the kernel are upsampled so the short side is ``kernel_size`` (official rule)."""
+        k = self.kernel_size
+        if min(h, w) >= k:
+            return None
+        return (k, int(k / h * w)) if h < w else (int(k / w * h), k)
+
+    def _mix(self, feats: torch.Tensor, value: torch.Tensor, value_proj: nn.Module | None = None) -> torch.Tensor:
+        """Dynamic-kernel mixing of ``value [B, dim, H, W]``; the query comes from ``feats[:, :dim]`` and the
+        keys from ``feats[:, dim:]`` (the context stream) or, without one, from ``feats`` itself."""
+        size_in = value.shape[-2:]
+        size = self._working_size(*size_in)
+        if size is not None:
+            same = value is feats
+            feats = F.interpolate(feats, size=size, mode="bilinear", align_corners=False)
+            value = feats if same else F.interpolate(value, size=size, mode="bilinear", align_corners=False)
+        if value_proj is not None:
+            value = value_proj(value)
+        query = self.weight_query(feats[:, : self.dim]) * self.scale
+        key = self.weight_key(feats[:, self.dim :] if feats.shape[1] > self.dim else feats)
+        taps = contmix_kernels(query, key, self.weight_proj, self.rpb1, self.rpb2)
+        b, _, h, w = value.shape
+        halves = value.view(b, 2, self.num_heads, -1, h, w).permute(1, 0, 2, 4, 5, 3)  # [2, B, G, H, W, c]
+        out = torch.cat(
+            [neighborhood_aggregate(t, v.contiguous(), k) for t, v, k in zip(taps, halves, (self.smk_size, self.kernel_size))], 1
+        )
+        out = out.permute(0, 1, 4, 2, 3).reshape(b, -1, h, w)
+        return out if size is None else F.adaptive_avg_pool2d(out, size_in)
+
+    def _finish(self, mixed: torch.Tensor, gate: torch.Tensor, lepe: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+        """``+ LEPE -> SE -> x gate -> proj`` residual onto ``identity``, then the DW3x3 residual and ConvFFN."""
+        x = self.proj(gate * self.se_layer(mixed + lepe))
+        x = self.ls1(identity) + self.drop_path(x) if self.res_scale else identity + self.drop_path(self.ls1(x))
+        x = self.dwconv2(x)
+        if self.res_scale:
+            return self.ls2(x) + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ContMix(_ContMixBase):
+    """The plug-in ContMix block (``models/contmix.py`` ``ContMixBlock``): keys pooled from the block's own
+    features; the value has its own 1x1 + BN. ``[B, dim, H, W] -> [B, dim, H, W]``.
+
+    Args:
+        dim: channels, divisible by ``4 * num_heads``.
+        kernel_size: large dynamic kernel ``K`` (and the LEPE kernel); smk_size: small one ``k``.
+        num_heads: each of the two channel halves is split into ``2 * num_heads`` kernel groups.
+        mlp_ratio, ls_init_value, res_scale, drop_path, deploy: as in :class:`RepConvBlock`.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        kernel_size: int = 7,
+        smk_size: int = 5,
+        num_heads: int = 2,
+        mlp_ratio: float = 4.0,
+        ls_init_value: float | None = None,
+        res_scale: bool = False,
+        drop_path: float = 0.0,
+        deploy: bool = False,
+    ) -> None:
+        super().__init__(dim, dim, dim, kernel_size, smk_size, num_heads, mlp_ratio, ls_init_value, res_scale, drop_path, deploy, 0.02)
+        self.dwconv1 = ResDWConv(dim, 3)
+        self.norm1 = LayerNorm2d(dim, eps=1e-6)
+        self.weight_value = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.fusion_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv1(x)
+        identity, x = x, self.norm1(x)
+        mixed = self.fusion_proj(self._mix(x, x, self.weight_value))
+        return self._finish(mixed, self.gate(x), self.lepe(x), identity)
+
+
+class DynamicConvBlock(_ContMixBase):
+    """Focus-Net block: ContMix over ``[x, h]`` whose keys come from the context stream ``h``.
+
+    ``forward(x [B, dim, H, W], h [B, ctx_dim, H, W], h_ref [B, ctx_dim, H, W])`` first re-injects the
+    top-down prior (``h = x_scale(h) + h_scale(h_ref)``, except in the first block), then returns
+    ``(x, h)``, or ``(cat[x, h], None)`` for the last block.
+
+    Args:
+        dim: channels of ``x``; ctx_dim: channels of the context stream (``C3 / 4`` in OverLoCK).
+        others: as in :class:`ContMix`; the RPB starts at zero as in ``models/overlock.py``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ctx_dim: int,
+        kernel_size: int = 7,
+        smk_size: int = 5,
+        num_heads: int = 2,
+        mlp_ratio: float = 4.0,
+        ls_init_value: float | None = None,
+        res_scale: bool = False,
+        drop_path: float = 0.0,
+        is_first: bool = False,
+        is_last: bool = False,
+        deploy: bool = False,
+    ) -> None:
+        out_dim = dim + ctx_dim
+        super().__init__(dim, out_dim, ctx_dim, kernel_size, smk_size, num_heads, mlp_ratio, ls_init_value, res_scale, drop_path, deploy, 0.0)
+        self.is_first, self.is_last = is_first, is_last
+        if not is_first:
+            self.x_scale = LayerScale(ctx_dim, 1.0)
+            self.h_scale = LayerScale(ctx_dim, 1.0)
+        self.dwconv1 = ResDWConv(out_dim, 3)
+        self.norm1 = LayerNorm2d(out_dim, eps=1e-6)
+        self.fusion = nn.Sequential(
+            nn.Conv2d(out_dim, out_dim, 3, padding=1, groups=out_dim),
+            nn.BatchNorm2d(out_dim),
+            nn.GELU(),
+            nn.Conv2d(out_dim, dim, 1),
+            GRN(dim),
+        )
+        self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, h_ref: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.is_first:
+            h = self.x_scale(h) + self.h_scale(h_ref)
+        feats = self.dwconv1(torch.cat([x, h], 1))
+        identity, feats = feats, self.norm1(feats)
+        value = self.fusion(feats)
+        mixed = self.dyconv_proj(self._mix(feats, value))
+        out = self._finish(mixed, self.gate(value), self.lepe(value), identity)
+        if self.is_last:
+            return out, None
+        x, h = out.split([self.dim, out.shape[1] - self.dim], 1)
+        return x, h
+
+
+class CTXDownsample(nn.Module):
+    """Conv3x3 stride 2 + BN on both streams between the Focus-Net stages: ``x`` (dim -> h_dim) and the
+    context (``h_dim / 4`` channels)."""
+
+    def __init__(self, dim: int, h_dim: int) -> None:
+        super().__init__()
+        self.x_proj = nn.Sequential(nn.Conv2d(dim, h_dim, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(h_dim))
+        ctx = h_dim // 4
+        self.h_proj = nn.Sequential(nn.Conv2d(ctx, ctx, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(ctx))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_proj(x), self.h_proj(h)
+
+
+register_method(
+    Method(
+        name="overlock",
+        paper="OverLoCK: An Overview-first-Look-Closely-next ConvNet with Context-Mixing Dynamic Kernels (CVPR 2025)",
+        arxiv="2502.20087",
+        modality="vision",
+        ops=("neighborhood_aggregate",),
+        status="exact (official-layout weights match an unfold re-implementation); timm models overlock_xt/t/s/b",
+    )
+)

@@ -17,11 +17,12 @@ import vzoo  # noqa: F401  (registers the models)
 MODELS = sorted(n for n in timm.list_models() if model_entrypoint(n).__module__.startswith("vzoo."))
 # Full-size models run the cheap checks; the expensive ones (backward, features) use the test_* variants
 # and the smallest real model of each family.
-SMALL = [n for n in MODELS if n.startswith("test_") or n.endswith("_tiny")]
+SMALL = [n for n in MODELS if n.startswith("test_") or n.endswith(("_tiny", "_xt"))]
 
 
 def test_vzoo_registers_models():
     assert {"biformer_tiny", "biformer_small", "biformer_base", "test_biformer"} <= set(MODELS)
+    assert {"overlock_xt", "overlock_t", "overlock_s", "overlock_b", "test_overlock"} <= set(MODELS)
 
 
 def _input(model, batch=1, size=None):
@@ -91,14 +92,16 @@ def test_default_cfg(name):
         assert feat.shape == (1, model.num_features, *cfg["pool_size"])
         assert model.forward_head(feat, pre_logits=True).shape == (1, model.head_hidden_size)
         state = model.state_dict()
-        assert cfg["first_conv"] + ".weight" in state and cfg["classifier"] + ".weight" in state
+        classifiers = (cfg["classifier"],) if isinstance(cfg["classifier"], str) else cfg["classifier"]
+        assert cfg["first_conv"] + ".weight" in state and classifiers[0] + ".weight" in state  # others: optional heads
         assert state[cfg["first_conv"] + ".weight"].shape[1] == cfg["input_size"][0]
         model.reset_classifier(0)
-        assert model(x).shape == (1, model.num_features)
+        assert model(x).shape == (1, model.head_hidden_size)
+        # without pooling: the head's unpooled map (a conv head projects first, as in timm's MobileNets)
         model.reset_classifier(0, "")
-        assert model(x).shape == feat.shape
+        assert model(x).shape == (1, model.head_hidden_size, *feat.shape[2:])
         unpooled = timm.create_model(name, num_classes=0, global_pool="").eval()
-        assert unpooled(x).shape == feat.shape
+        assert unpooled(x).shape == (1, model.head_hidden_size, *feat.shape[2:])
 
 
 @pytest.mark.parametrize("size", [(96, 96), (250, 333), (800, 1216)])
