@@ -1,0 +1,128 @@
+"""VMoBA against an oracle that works on (t, h, w) coordinates directly: block ids from coordinates,
+mean keys by masked averaging, selection by explicit loops, dense masked fp64 attention."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vzoo.vmoba import VMoBAConfig, vmoba_attention
+
+GRID = (4, 4, 6)
+CFG = dict(temporal_block=(2,), spatial_block=(2, 3), cube_block=(2, 2, 3))
+
+
+def _block_ids(grid, block):
+    t, h, w = grid
+    st, sh, sw = (s or n for s, n in zip(block, grid))
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    ids = (tt // st) * (h // sh) * (w // sw) + (hh // sh) * (w // sw) + ww // sw
+    return ids.flatten(), (t // st) * (h // sh) * (w // sw)
+
+
+def _oracle_mask(q, k, ids, nb, topk=None, tau=None, pool="head_global"):
+    """[B, H, S, Nb] bool, by loops."""
+    b, h, s, _ = q.shape
+    means = torch.stack([k[:, :, ids == j].double().mean(2) for j in range(nb)], 2)  # [B, H, Nb, D]
+    gate = q.double() @ means.transpose(-1, -2)
+    mask = torch.zeros(b, h, s, nb, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            g = gate[bi, hi]
+            if topk is not None:
+                for i in range(s):
+                    order = sorted(range(nb), key=lambda j: (j != ids[i].item(), -g[i, j].item()))
+                    mask[bi, hi, i, order[:topk]] = True
+                continue
+            pools = [[(i, j) for i in range(s) for j in range(nb)]] if pool == "head_global" else [[(i, j) for j in range(nb)] for i in range(s)]
+            for entries in pools:
+                vals = {e: g[e].item() for e in entries}
+                lo, hi_ = min(vals.values()), max(vals.values())
+                norm = {e: (v - lo) / (hi_ - lo) for e, v in vals.items()}
+                total = sum(norm.values())
+                own = [e for e in entries if e[1] == ids[e[0]].item()]
+                for e in own:
+                    mask[bi, hi][e] = True
+                remain = max(0.0, tau - sum(norm[e] for e in own) / total)
+                rest = sorted((e for e in entries if e not in own), key=lambda e: -norm[e])
+                acc = 0.0
+                for e in rest:
+                    mask[bi, hi][e] = True
+                    acc += norm[e]
+                    if acc / total >= remain:
+                        break
+    return mask
+
+
+def _oracle_attention(q, k, v, token_mask):
+    logits = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(logits.masked_fill(~token_mask, float("-inf")), -1) @ v.double()
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_matches_coordinate_oracle_with_gradients(layer, mode):
+    torch.manual_seed(layer)
+    config = VMoBAConfig(**CFG, mode=mode, topk=(1, 3, 4), tau=0.3)
+    s = math.prod(GRID)
+    q, k, v = (torch.randn(2, 2, s, 8, requires_grad=True) for _ in range(3))
+    ids, nb = _block_ids(GRID, config.block(layer))
+    kw = dict(topk=config.topk[layer % 3]) if mode == "topk" else dict(tau=0.3)
+    mask = _oracle_mask(q.detach(), k.detach(), ids, nb, **kw)
+    want = _oracle_attention(q, k, v, mask[..., ids])
+    got, density = vmoba_attention(q, k, v, GRID, layer, config, return_density=True)
+    assert density == pytest.approx(mask.double().mean().item())
+    torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    up = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), up), torch.autograd.grad(want, (q, k, v), up.double())):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_query_head_pool_and_gqa():
+    torch.manual_seed(7)
+    s = math.prod(GRID)
+    q = torch.randn(1, 4, s, 8)
+    k, v = (torch.randn(1, 2, s, 8) for _ in range(2))
+    config = VMoBAConfig(**CFG, mode="threshold", tau=0.5, pool="query_head")
+    ids, nb = _block_ids(GRID, config.block(2))
+    kx, vx = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    mask = _oracle_mask(q, kx, ids, nb, tau=0.5, pool="query_head")
+    want = _oracle_attention(q, kx, vx, mask[..., ids]).float()
+    torch.testing.assert_close(vmoba_attention(q, k, v, GRID, 2, config), want, atol=1e-5, rtol=1e-5)
+
+
+def test_full_selection_is_dense_attention():
+    torch.manual_seed(8)
+    s = math.prod(GRID)
+    q, k, v = (torch.randn(1, 2, s, 16) for _ in range(3))
+    config = VMoBAConfig(**CFG, topk=(2, 4, 8))  # every block of every layer type
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for layer in range(3):
+        torch.testing.assert_close(vmoba_attention(q, k, v, GRID, layer, config), dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(tau=0.0), "tau"),
+        (dict(tau=1.5), "tau"),
+        (dict(mode="global"), "mode"),
+        (dict(pool="block"), "pool"),
+        (dict(spatial_block=(2, 0)), "spatial_block"),
+        (dict(topk=(1, 2)), "topk"),
+        (dict(dense_warmup=2.0), "dense_warmup"),
+    ],
+)
+def test_bad_configs_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"VMoBAConfig.{field}"):
+        VMoBAConfig(**kwargs)
+
+
+def test_blocks_that_do_not_tile_the_grid():
+    q = torch.randn(1, 1, math.prod(GRID), 8)
+    with pytest.raises(ValueError, match="VMoBAConfig.spatial_block"):
+        vmoba_attention(q, q, q, GRID, 1, VMoBAConfig(**dict(CFG, spatial_block=(3, 3))))
+    with pytest.raises(ValueError, match="grid"):
+        vmoba_attention(q, q, q, (4, 4, 5), 0, VMoBAConfig(**CFG))
