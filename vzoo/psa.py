@@ -185,19 +185,21 @@ def psa_attention(
     config: PSAConfig | None = None,
     *,
     scale: float | None = None,
+    return_lse: bool = False,
     return_density: bool = False,
     backend: str | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, float]:
+) -> torch.Tensor | tuple:
     """Pyramid Sparse Attention.
 
     Args:
         q, k, v: ``[B, H, S, D]`` (SDPA layout; GQA allowed); tokens in (t, h, w) order of ``grid``.
         grid: latent grid ``(T, H, W)`` for the Hilbert reorder (required when ``config.reorder``).
         config: :class:`PSAConfig` (the balanced preset if None).
+        return_lse: also return the log-sum-exp ``[B, H, S]`` (fp32).
         return_density: also return the FLOP-equivalent density ``mean(1 / pool)`` over all block pairs.
 
     Returns:
-        ``[B, H, S, D]`` in the input order (and the density).
+        ``out [B, H, S, D]`` in the input order, followed by ``lse`` and ``density`` when asked for.
     """
     config = config or PSAConfig()
     if q.dim() != 4 or k.shape[2] != q.shape[2]:
@@ -222,13 +224,15 @@ def psa_attention(
         out, lse = block_sparse_attention(q, kp, vp, layout, scale=scale, return_lse=True, backend=backend)
         outs.append(out)
         lses.append(lse + math.log(p))  # a pooled key stands for p keys
-    out = merge_attention_states(outs, lses)[0]
+    out, lse = merge_attention_states(outs, lses)
     if config.reorder:
         out = torch.empty_like(out).index_copy_(2, perm, out)
-    if not return_density:
-        return out
-    weights = torch.tensor([0.0] + [1.0 / p for p in POOLS], device=levels.device)
-    return out, weights[levels].mean().item()
+        lse = torch.empty_like(lse).index_copy_(2, perm, lse)
+    extras = (lse,) if return_lse else ()
+    if return_density:
+        weights = torch.tensor([0.0] + [1.0 / p for p in POOLS], device=levels.device)
+        extras += (weights[levels].mean().item(),)
+    return (out, *extras) if extras else out
 
 
 register_method(

@@ -153,9 +153,10 @@ def vmoba_attention(
     config: VMoBAConfig | None = None,
     *,
     scale: float | None = None,
+    return_lse: bool = False,
     return_density: bool = False,
     backend: str | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, float]:
+) -> torch.Tensor | tuple:
     """VMoBA attention over video tokens.
 
     Args:
@@ -164,10 +165,11 @@ def vmoba_attention(
         layer_idx: selects the 1D / 2D / 3D block shape (``layer_idx % 3``).
         config: :class:`VMoBAConfig` (default settings if None).
         scale: softmax scale (default ``D ** -0.5``).
+        return_lse: also return the log-sum-exp ``[B, H, S]`` (fp32), e.g. to merge with text attention.
         return_density: also return the fraction of (query, key) pairs attended.
 
     Returns:
-        ``[B, H, S, D]`` in the input order (and the density).
+        ``out [B, H, S, D]`` in the input order, followed by ``lse`` and ``density`` when asked for.
     """
     config = config or VMoBAConfig()
     t, h, w = grid
@@ -181,9 +183,11 @@ def vmoba_attention(
     else:
         mask = vmoba_routing(qp, kp, block_n, tau=config.tau, pool=config.pool)
     block_idx = torch.where(mask, torch.arange(mask.shape[-1], device=q.device), -1)
-    out = token_routed_attention(qp, kp, vp, block_idx, block_n=block_n, scale=scale, backend=backend)
+    out, lse = token_routed_attention(qp, kp, vp, block_idx, block_n=block_n, scale=scale, return_lse=True, backend=backend)
     out = torch.empty_like(out).index_copy_(2, perm, out)
-    return (out, mask.float().mean().item()) if return_density else out
+    extras = (torch.empty_like(lse).index_copy_(2, perm, lse),) if return_lse else ()
+    extras += (mask.float().mean().item(),) if return_density else ()
+    return (out, *extras) if extras else out
 
 
 class VMoBAAttention(nn.Module):

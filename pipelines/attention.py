@@ -1,0 +1,83 @@
+"""The sparse replacement for one self-attention ``scaled_dot_product_attention`` call of a video DiT.
+
+Video-to-video attention goes through VMoBA or PSA on the latent grid; text tokens (a prefix in
+CogVideoX, a suffix in HunyuanVideo) stay dense: video queries attend to the text keys densely and the
+two parts are merged by log-sum-exp, text queries attend to everything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vzoo.kernels import merge_attention_states
+from vzoo.psa import PSAConfig, psa_attention
+from vzoo.vmoba import VMoBAConfig, vmoba_attention
+
+__all__ = ["video_attention", "Unsupported"]
+
+
+class Unsupported(Exception):
+    """This call cannot take the sparse path; the caller falls back to the stock attention."""
+
+
+def _key_mask(attn_mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
+    """A boolean key-padding mask ``[B, 1, 1, S]`` from SDPA's ``attn_mask`` (or ``Unsupported``)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1:
+        raise Unsupported(f"attention mask of shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype} (only a boolean key-padding mask is supported)")
+    return attn_mask.expand(b, 1, 1, s)
+
+
+def _dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, scale: float):
+    """Exact attention over a few keys, with its log-sum-exp (fp32): ``keep [B, 1, 1, Sk]`` masks keys."""
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    lse = logits.logsumexp(-1)
+    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
+    return (probs @ v.float()).to(q.dtype), lse
+
+
+def video_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    *,
+    grid: tuple[int, int, int],
+    layer_idx: int,
+    config: VMoBAConfig | PSAConfig,
+    text_first: bool,
+) -> tuple[torch.Tensor, float]:
+    """``q, k, v [B, H, S, D]`` with ``S = T*H*W`` video tokens plus text tokens (before them when
+    ``text_first``, else after). Returns the attention output and the measured density of the video part."""
+    b, h, s, d = q.shape
+    n_video = math.prod(grid)
+    n_text = s - n_video
+    if n_text < 0 or k.shape[2] != s:
+        raise Unsupported(f"{s} tokens do not hold the latent grid {grid} ({n_video} tokens)")
+    if k.shape[1] != h:
+        k, v = (x.repeat_interleave(h // x.shape[1], 1) for x in (k, v))
+    scale = d**-0.5 if scale is None else scale
+    keep = _key_mask(attn_mask, b, s)
+    video = slice(n_text, s) if text_first else slice(0, n_video)
+    text = slice(0, n_text) if text_first else slice(n_video, s)
+    if keep is not None and not bool(keep[..., video].all()):
+        raise Unsupported("the attention mask hides video tokens")
+    method = vmoba_attention if isinstance(config, VMoBAConfig) else psa_attention
+    qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
+    args = (grid, layer_idx, config) if isinstance(config, VMoBAConfig) else (grid, config)
+    out_v, lse_v, density = method(qv, kv, vv, *args, scale=scale, return_lse=True, return_density=True)
+    if n_text == 0:
+        return out_v, density
+    keep_text = None if keep is None else keep[..., text]
+    out_t, lse_t = _dense_with_lse(qv, k[:, :, text], v[:, :, text], keep_text, scale)
+    out_v = merge_attention_states([out_v, out_t], [lse_v, lse_t])[0]
+    text_out = F.scaled_dot_product_attention(q[:, :, text], k, v, attn_mask=keep, scale=scale)
+    parts = [text_out, out_v] if text_first else [out_v, text_out]
+    return torch.cat(parts, 2), density

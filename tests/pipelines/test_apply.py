@@ -1,0 +1,129 @@
+"""apply_sparse_attention on the four diffusers video families (tiny random models, offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from vzoo.pipelines import DenseConfig, PSAConfig, VMoBAConfig, apply_sparse_attention, make_config
+from vzoo.pipelines.attention import Unsupported, video_attention
+
+_spec = importlib.util.spec_from_file_location("tiny_models", Path(__file__).with_name("tiny_models.py"))
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+BLOCKS = dict(temporal_block=(2,), spatial_block=(4, 4), cube_block=(2, 4, 4), dense_warmup=0.0)
+FULL_VMOBA = VMoBAConfig(**BLOCKS, topk=(2, 4, 8))  # every block: must equal the stock attention
+SPARSE_VMOBA = VMoBAConfig(**BLOCKS, topk=(1, 2, 3))
+FULL_PSA = PSAConfig(block_q=16, block_k=16, min_full=1.0, dense_warmup=0.0)
+SPARSE_PSA = PSAConfig(block_q=16, block_k=16, dense_warmup=0.0)
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+@pytest.fixture(params=sorted(tiny.FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    model, inputs = tiny.FAMILIES[request.param]()
+    return request.param, model.eval(), inputs
+
+
+def test_dense_config_and_remove_reproduce_stock_exactly(family):
+    _, model, inputs = family
+    stock = _run(model, inputs)
+    with apply_sparse_attention(model, DenseConfig()):
+        assert torch.equal(_run(model, inputs), stock)
+    handle = apply_sparse_attention(model, SPARSE_VMOBA)
+    assert not torch.equal(_run(model, inputs), stock)
+    handle.remove()
+    handle.remove()  # idempotent
+    assert torch.equal(_run(model, inputs), stock)
+
+
+@pytest.mark.parametrize("config", [FULL_VMOBA, FULL_PSA], ids=["vmoba", "psa"])
+def test_selecting_everything_equals_stock_attention(family, config):
+    """Checks the whole path: interception, token layout, text split and LSE merge, inverse permutation."""
+    _, model, inputs = family
+    stock = _run(model, inputs)
+    with apply_sparse_attention(model, config) as handle:
+        out = _run(model, inputs)
+    assert handle.sparse_calls > 0 and handle.density == pytest.approx(1.0)
+    torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [SPARSE_VMOBA, SPARSE_PSA], ids=["vmoba", "psa"])
+def test_sparse_configs_run_sparse(family, config):
+    name, model, inputs = family
+    stock = _run(model, inputs)
+    with apply_sparse_attention(model, config) as handle:
+        out = _run(model, inputs)
+    layers = {"wan": 3, "cogvideox": 2, "hunyuanvideo": 3, "ltx": 2}[name]
+    assert handle.sparse_calls == layers and 0 < handle.density < 0.8
+    assert torch.isfinite(out).all() and (out - stock).norm() / stock.norm() < 0.2
+
+
+def test_gradients_flow_through_vmoba():
+    torch.manual_seed(1)
+    model, inputs = tiny.wan()
+    model.train()
+    with apply_sparse_attention(model, SPARSE_VMOBA) as handle:
+        model(**inputs, return_dict=False)[0].square().mean().backward()
+    assert handle.sparse_calls == 3
+    for block in model.blocks:
+        grad = block.attn1.to_q.weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def _wan_pipe(layers: int = 2):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    transformer, _ = tiny.wan(layers)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer)
+
+
+def test_wan_pipeline_dense_warmup_counts_steps_with_split_cfg():
+    """4 steps, warm-up 0.5: steps 2 and 3 are sparse; CFG runs the transformer twice per step."""
+    pipe = _wan_pipe()
+    kw = dict(prompt_embeds=torch.randn(1, 5, 16), negative_prompt_embeds=torch.randn(1, 5, 16), height=64, width=64,
+              num_frames=13, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    stock = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+    with apply_sparse_attention(pipe, DenseConfig()):
+        assert torch.equal(pipe(**kw, generator=torch.Generator().manual_seed(0)).frames, stock)
+    config = VMoBAConfig(temporal_block=(2,), spatial_block=(4, 4), cube_block=(2, 4, 4), topk=(1, 2, 3), dense_warmup=0.5)
+    with apply_sparse_attention(pipe, config) as handle:
+        out = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+    assert handle.sparse_calls == 2 * 2 * 2  # sparse steps x CFG passes x layers
+    assert out.shape == stock.shape and torch.isfinite(out).all()
+    assert torch.equal(pipe(**kw, generator=torch.Generator().manual_seed(0)).frames, stock)
+
+
+def test_bad_use_raises():
+    model, inputs = tiny.wan()
+    with pytest.raises(ValueError, match="method='sparse'"):
+        make_config("sparse")
+    with pytest.raises(ValueError, match="VMoBAConfig.tau"):
+        make_config("vmoba", tau=0.0)
+    with pytest.raises(ValueError, match="config must be"):
+        apply_sparse_attention(model, {"method": "vmoba"})
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        apply_sparse_attention(model, VMoBAConfig())
+    with pytest.raises(ValueError, match="not supported"):
+        apply_sparse_attention(torch.nn.Linear(2, 2), DenseConfig())
+    with apply_sparse_attention(model, DenseConfig()):
+        with pytest.raises(RuntimeError, match="already"):
+            apply_sparse_attention(model, DenseConfig())
+    with apply_sparse_attention(model, VMoBAConfig(**dict(BLOCKS, spatial_block=(3, 3)))):
+        with pytest.raises(ValueError, match="VMoBAConfig.spatial_block"):
+            _run(model, inputs)
+    q = torch.randn(1, 2, 70, 8)
+    with pytest.raises(Unsupported, match="mask"):
+        video_attention(q, q, q, torch.zeros(1, 1, 70, 70), None, grid=(1, 8, 8), layer_idx=0, config=SPARSE_VMOBA, text_first=False)

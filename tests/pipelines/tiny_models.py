@@ -1,0 +1,69 @@
+"""Tiny randomly initialised video transformers of the four supported families, with matching inputs
+(latent grid 4 x 8 x 8 = 256 video tokens), built from configs: nothing is downloaded."""
+
+from __future__ import annotations
+
+import torch
+
+GRID = (4, 8, 8)
+
+
+def wan(layers: int = 3):
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=32, ffn_dim=32, num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    t, h, w = GRID
+    inputs = dict(hidden_states=torch.randn(1, 4, t, 2 * h, 2 * w), timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 5, 16))
+    return model, inputs
+
+
+def cogvideox(layers: int = 2):
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=16,
+        num_layers=layers, sample_width=16, sample_height=16, sample_frames=13, patch_size=2, temporal_compression_ratio=4,
+        max_text_seq_length=6, use_rotary_positional_embeddings=True,
+    )
+    t, h, w = GRID
+    inputs = dict(hidden_states=torch.randn(1, t, 4, 2 * h, 2 * w), timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 6, 16))
+    return model, inputs
+
+
+def hunyuan(layers: int = 1):
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=layers, num_single_layers=2,
+        num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
+        rope_axes_dim=(4, 6, 6),
+    )
+    t, h, w = GRID
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    mask[:, 5:] = False  # padded text tokens
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, t, h, w), timestep=torch.tensor([500]), encoder_hidden_states=torch.randn(1, 7, 16),
+        encoder_attention_mask=mask, pooled_projections=torch.randn(1, 8), guidance=torch.tensor([3500.0]),
+    )
+    return model, inputs
+
+
+def ltx(layers: int = 2):
+    from diffusers import LTXVideoTransformer3DModel
+
+    model = LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+        cross_attention_dim=32, num_layers=layers, caption_channels=16,
+    )
+    t, h, w = GRID
+    inputs = dict(
+        hidden_states=torch.randn(1, t * h * w, 4), encoder_hidden_states=torch.randn(1, 5, 16), timestep=torch.tensor([500]),
+        encoder_attention_mask=torch.ones(1, 5), num_frames=t, height=h, width=w,
+    )
+    return model, inputs
+
+
+FAMILIES = {"wan": wan, "cogvideox": cogvideox, "hunyuanvideo": hunyuan, "ltx": ltx}
