@@ -4,12 +4,19 @@ MoBA (arXiv 2502.13189, MoonshotAI/MoBA) and VMoBA (arXiv 2506.23858) route each
 few key blocks. The op maps this onto the block-sparse kernels: query tiles of ``tile`` tokens get the
 union of their tokens' blocks as their layout row, and a per-(token, slot) mask switches off the
 blocks a token did not choose, so the result is exact (spec: kernels.md §6.3, path A + token mask).
+
+On the torch backend without a causal mask, large blocks are better served the other way round, as the
+official VMoBA computes it: each key block attends densely to the queries that chose it (gathered),
+and the partial results of each query are merged by log-sum-exp. Also exact; cost = selected pairs.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .backends import resolve_backend
 from .block_sparse import check_qkv, run_attention
 from .layout import BlockSparseLayout, ids_to_mask
 
@@ -79,6 +86,10 @@ def token_routed_attention(
         raise ValueError(f"block_cnt shape {tuple(block_cnt.shape)} must be {tuple(block_idx.shape[:3])}")
 
     chosen = _routing_mask(block_idx, block_cnt, nkb)  # [B, Hl, Sq, NKB]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not causal and resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=return_lse) == "torch":
+        out, lse = _per_key_block(q, k, v, chosen, block_n, q.shape[-1] ** -0.5 if scale is None else float(scale))
+        return (out, lse) if return_lse else out
     ntiles = -(-sq // tile)
     padded = torch.nn.functional.pad(chosen, (0, 0, 0, ntiles * tile - sq))
     union = padded.view(bi, hl, ntiles, tile, nkb).any(dim=3)
@@ -106,3 +117,49 @@ def token_routed_attention(
         backend=backend,
         reference_mask=reference_mask,
     )
+
+
+def _dense_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention ``[n, D]`` x ``[m, D]`` with its log-sum-exp (fp32): PyTorch's fused CPU flash
+    kernel when no gradient is needed (its LSE output has no gradient), explicit fp32 math otherwise."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and not needs_grad:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None, None], k[None, None], v[None, None], 0.0, False, scale=scale)
+        return out[0, 0].float(), lse[0, 0]
+    logits = (q.float() @ k.float().T) * scale
+    return torch.softmax(logits, -1) @ v.float(), logits.logsumexp(-1)
+
+
+def _per_key_block(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: torch.Tensor, block_n: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every (batch, head, key block): the queries that chose it attend to its keys; each query's
+    partial results are merged by log-sum-exp. Plain differentiable torch ops; fp32 math."""
+    b, hq, sq, d = q.shape
+    group = hq // k.shape[1]
+    chosen = chosen.expand(b, -1, -1, -1)
+    if chosen.shape[1] != hq:
+        chosen = chosen.repeat_interleave(hq // chosen.shape[1], 1)
+    ids, outs, lses = [], [], []
+    for bi in range(b):
+        for h in range(hq):
+            sel = chosen[bi, h]  # [Sq, NKB]
+            keys, values = k[bi, h // group], v[bi, h // group]
+            for j in sel.any(0).nonzero().flatten().tolist():
+                rows = sel[:, j].nonzero().flatten()
+                blk = slice(j * block_n, (j + 1) * block_n)
+                out, lse = _dense_lse(q[bi, h, rows], keys[blk], values[blk], scale)
+                outs.append(out)
+                lses.append(lse)
+                ids.append(rows + (bi * hq + h) * sq)
+    n = b * hq * sq
+    if not ids:
+        return q.new_zeros(q.shape), torch.full((b, hq, sq), -math.inf, device=q.device)
+    ids, part_lse, part_out = torch.cat(ids), torch.cat(lses), torch.cat(outs)
+    top = torch.full((n,), -math.inf, device=q.device).scatter_reduce(0, ids, part_lse.detach(), "amax")
+    weight = torch.exp(part_lse - top[ids])
+    total = q.new_zeros(n, dtype=torch.float32).index_add(0, ids, weight)
+    out = q.new_zeros(n, d, dtype=torch.float32).index_add(0, ids, weight[:, None] * part_out)
+    out = out / total.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    lse = top + total.log()
+    return out.view(b, hq, sq, d).to(q.dtype), lse.view(b, hq, sq)

@@ -28,14 +28,22 @@ __all__ = ["VMoBAConfig", "VMoBAAttention", "vmoba_attention", "vmoba_routing", 
 _POOLS = ("head_global", "query_head")
 
 
-def _positive_ints(name: str, value: tuple[int, ...], n: int) -> None:
-    if len(value) != n or not all(isinstance(v, int) and v > 0 for v in value):
-        raise ValueError(f"VMoBAConfig.{name}={value!r} must be {n} positive int(s)")
+def _positive_ints(name: str, value: tuple[int, ...] | None, n: int) -> None:
+    if value is not None and (len(value) != n or not all(isinstance(v, int) and v > 0 for v in value)):
+        raise ValueError(f"VMoBAConfig.{name}={value!r} must be None or {n} positive int(s)")
+
+
+def _divisor_near(n: int, target: float) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - target), d))
 
 
 @dataclass(frozen=True)
 class VMoBAConfig:
-    """VMoBA settings (defaults: the paper's 81x480x832 Wan 2.1 setting adapted to any grid by block size).
+    """VMoBA settings.
+
+    Block sizes left at ``None`` follow the grid: the divisor nearest to 1/8 of T for 1D blocks (the
+    paper's 21 frames -> 3), 1/4 of H and W for 2D blocks, 1/4 of each axis for 3D cubes; on a
+    16x32x32 grid that is (2,), (8, 8), (4, 8, 8). Top-k defaults keep about a quarter of the blocks.
 
     Args:
         temporal_block: ``(s_T,)`` frames per 1D block (layers ``l % 3 == 0``).
@@ -51,9 +59,9 @@ class VMoBAConfig:
         dense_layers: layer numbers that stay dense (pipelines).
     """
 
-    temporal_block: tuple[int, ...] = (2,)
-    spatial_block: tuple[int, int] = (8, 8)
-    cube_block: tuple[int, int, int] = (4, 8, 8)
+    temporal_block: tuple[int] | None = None
+    spatial_block: tuple[int, int] | None = None
+    cube_block: tuple[int, int, int] | None = None
     mode: str = "topk"
     topk: tuple[int, int, int] = (2, 3, 10)
     tau: float = 0.25
@@ -62,9 +70,9 @@ class VMoBAConfig:
     dense_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        _positive_ints("temporal_block", tuple(self.temporal_block), 1)
-        _positive_ints("spatial_block", tuple(self.spatial_block), 2)
-        _positive_ints("cube_block", tuple(self.cube_block), 3)
+        _positive_ints("temporal_block", self.temporal_block, 1)
+        _positive_ints("spatial_block", self.spatial_block, 2)
+        _positive_ints("cube_block", self.cube_block, 3)
         _positive_ints("topk", tuple(self.topk), 3)
         if self.mode not in ("topk", "threshold"):
             raise ValueError(f"VMoBAConfig.mode={self.mode!r} must be 'topk' or 'threshold'")
@@ -77,19 +85,20 @@ class VMoBAConfig:
         if not all(isinstance(i, int) and i >= 0 for i in self.dense_layers):
             raise ValueError(f"VMoBAConfig.dense_layers={self.dense_layers!r} must be non-negative ints")
 
-    def block(self, layer_idx: int) -> tuple[int, int, int]:
-        """``(s_T, s_H, s_W)`` of the key blocks in layer ``layer_idx`` (0 = span the whole axis)."""
+    def block(self, layer_idx: int, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        """``(s_T, s_H, s_W)`` of the key blocks in layer ``layer_idx`` on ``grid`` (0 = the whole axis)."""
+        t, h, w = grid
         kind = layer_idx % 3
         if kind == 0:
-            return (self.temporal_block[0], 0, 0)
+            return ((self.temporal_block or (_divisor_near(t, t / 8),))[0], 0, 0)
         if kind == 1:
-            return (0, *self.spatial_block)
-        return tuple(self.cube_block)
+            return (0, *(self.spatial_block or (_divisor_near(h, h / 4), _divisor_near(w, w / 4))))
+        return tuple(self.cube_block or (_divisor_near(t, t / 4), _divisor_near(h, h / 4), _divisor_near(w, w / 4)))
 
     def check_grid(self, grid: tuple[int, int, int]) -> None:
         """Raise ``ValueError`` naming the field whose block does not tile ``grid`` exactly."""
         for kind, field in enumerate(("temporal_block", "spatial_block", "cube_block")):
-            for size, n, axis in zip(self.block(kind), grid, "THW"):
+            for size, n, axis in zip(self.block(kind, grid), grid, "THW"):
                 if size and n % size:
                     raise ValueError(f"VMoBAConfig.{field}={getattr(self, field)} does not tile the latent grid {tuple(grid)} ({axis}={n})")
 
@@ -176,7 +185,7 @@ def vmoba_attention(
     if q.dim() != 4 or q.shape[2] != t * h * w or k.shape[2] != q.shape[2]:
         raise ValueError(f"vmoba_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, T*H*W, D] for grid {tuple(grid)}")
     config.check_grid(grid)
-    perm, block_n = vmoba_permutation(grid, config.block(layer_idx), q.device)
+    perm, block_n = vmoba_permutation(grid, config.block(layer_idx, grid), q.device)
     qp, kp, vp = (x.index_select(2, perm) for x in (q, k, v))
     if config.mode == "topk":
         mask = vmoba_routing(qp, kp, block_n, topk=config.topk[layer_idx % 3])
@@ -202,7 +211,7 @@ class VMoBAAttention(nn.Module):
         return vmoba_attention(q, k, v, grid, self.layer_idx, self.config, scale=scale)
 
     def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, block={self.config.block(self.layer_idx)}, mode={self.config.mode}"
+        return f"layer_idx={self.layer_idx}, mode={self.config.mode}"
 
 
 register_method(

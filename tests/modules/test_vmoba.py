@@ -68,7 +68,7 @@ def test_matches_coordinate_oracle_with_gradients(layer, mode):
     config = VMoBAConfig(**CFG, mode=mode, topk=(1, 3, 4), tau=0.3)
     s = math.prod(GRID)
     q, k, v = (torch.randn(2, 2, s, 8, requires_grad=True) for _ in range(3))
-    ids, nb = _block_ids(GRID, config.block(layer))
+    ids, nb = _block_ids(GRID, config.block(layer, GRID))
     kw = dict(topk=config.topk[layer % 3]) if mode == "topk" else dict(tau=0.3)
     mask = _oracle_mask(q.detach(), k.detach(), ids, nb, **kw)
     want = _oracle_attention(q, k, v, mask[..., ids])
@@ -86,7 +86,7 @@ def test_query_head_pool_and_gqa():
     q = torch.randn(1, 4, s, 8)
     k, v = (torch.randn(1, 2, s, 8) for _ in range(2))
     config = VMoBAConfig(**CFG, mode="threshold", tau=0.5, pool="query_head")
-    ids, nb = _block_ids(GRID, config.block(2))
+    ids, nb = _block_ids(GRID, config.block(2, GRID))
     kx, vx = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     mask = _oracle_mask(q, kx, ids, nb, tau=0.5, pool="query_head")
     want = _oracle_attention(q, kx, vx, mask[..., ids]).float()
@@ -118,6 +118,14 @@ def test_full_selection_is_dense_attention():
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"VMoBAConfig.{field}"):
         VMoBAConfig(**kwargs)
+
+
+def test_automatic_blocks_follow_the_grid():
+    config = VMoBAConfig()
+    assert [config.block(i, (16, 32, 32)) for i in range(3)] == [(2, 0, 0), (0, 8, 8), (4, 8, 8)]
+    assert [config.block(i, (21, 30, 52)) for i in range(3)] == [(3, 0, 0), (0, 6, 13), (7, 6, 13)]
+    q = torch.randn(1, 1, 5 * 6 * 7, 8)
+    assert vmoba_attention(q, q, q, (5, 6, 7), 2).shape == q.shape  # any grid works with automatic blocks
 
 
 def test_blocks_that_do_not_tile_the_grid():

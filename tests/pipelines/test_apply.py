@@ -127,3 +127,24 @@ def test_bad_use_raises():
     q = torch.randn(1, 2, 70, 8)
     with pytest.raises(Unsupported, match="mask"):
         video_attention(q, q, q, torch.zeros(1, 1, 70, 70), None, grid=(1, 8, 8), layer_idx=0, config=SPARSE_VMOBA, text_first=False)
+
+
+def test_generate_cli_writes_a_gif(tmp_path, capsys):
+    from PIL import Image
+
+    from vzoo.cli import main
+
+    tiny.save_wan_pipeline(tmp_path / "pipe")
+    out = tmp_path / "video.gif"
+    args = ["generate", "--model", str(tmp_path / "pipe"), "--prompt", "a cat runs in the snow", "--method", "vmoba",
+            "--frames", "13", "--height", "64", "--width", "64", "--steps", "4", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "attention density" in printed and "13 frames" in printed
+    with Image.open(out) as gif:
+        assert gif.n_frames == 13 and gif.size == (64, 64)
+    assert not list(tmp_path.glob(".*partial*"))
+    with pytest.raises(SystemExit, match="model_index.json"):
+        main(args[:2] + [str(tmp_path)] + args[3:])
+    with pytest.raises(SystemExit, match=".mp4 or .gif"):
+        main(args[:-1] + [str(tmp_path / "video.avi")])

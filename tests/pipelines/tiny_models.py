@@ -67,3 +67,24 @@ def ltx(layers: int = 2):
 
 
 FAMILIES = {"wan": wan, "cogvideox": cogvideox, "hunyuanvideo": hunyuan, "ltx": ltx}
+
+
+def save_wan_pipeline(folder) -> None:
+    """A complete tiny WanPipeline (word-level tokenizer, UMT5 text encoder, VAE, scheduler) saved to
+    ``folder``, loadable offline with ``DiffusionPipeline.from_pretrained``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "runs", "in", "the", "snow"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                          relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1))
+    transformer, _ = wan(2)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer)
+    pipe.save_pretrained(folder)
