@@ -19,13 +19,14 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from vzoo.gilbert import gilbert_order
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention, merge_attention_states
 from vzoo.registry import Method, register_method
 
-__all__ = ["PSAConfig", "psa_attention", "psa_levels", "psa_pool", "PSA_PRESETS"]
+__all__ = ["PSAConfig", "PyramidSparseAttention", "psa_attention", "psa_levels", "psa_pool", "PSA_PRESETS"]
 
 POOLS = (1, 2, 4, 8)
 
@@ -233,6 +234,17 @@ def psa_attention(
         weights = torch.tensor([0.0] + [1.0 / p for p in POOLS], device=levels.device)
         extras += (weights[levels].mean().item(),)
     return (out, *extras) if extras else out
+
+
+class PyramidSparseAttention(nn.Module):
+    """Module form of :func:`psa_attention` (no parameters): ``forward(q, k, v, grid) -> [B, H, S, D]``."""
+
+    def __init__(self, config: PSAConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or PSAConfig()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int] | None = None, scale: float | None = None) -> torch.Tensor:
+        return psa_attention(q, k, v, grid, self.config, scale=scale)
 
 
 register_method(
