@@ -107,8 +107,17 @@ class _SparseProcessor:
         config = self.state.sparse_config(self.layer_idx)
         if config is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **rotary)
-        with _CatchSDPA(lambda func, args, kwargs: self._attend(config, func, args, kwargs)):
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **rotary)
+        caught = []
+
+        def attend(func, args, kwargs):
+            caught.append(True)
+            return self._attend(config, func, args, kwargs)
+
+        with _CatchSDPA(attend):
+            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **rotary)
+        if not caught:
+            self.state.warn_once("the stock processor made no scaled_dot_product_attention call (another attention backend active?)")
+        return out
 
     def _attend(self, config, func, args, kwargs):
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")

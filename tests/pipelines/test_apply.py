@@ -148,3 +148,25 @@ def test_generate_cli_writes_a_gif(tmp_path, capsys):
         main(args[:2] + [str(tmp_path)] + args[3:])
     with pytest.raises(SystemExit, match=".mp4 or .gif"):
         main(args[:-1] + [str(tmp_path / "video.avi")])
+
+
+def test_warns_once_when_no_sdpa_call_reaches_vzoo():
+    """A stock processor that never calls SDPA (as under a non-native attention backend) keeps its path."""
+    model, inputs = tiny.wan(1)
+    model.eval()
+    attn = model.blocks[0].attn1
+    original = attn.processor
+
+    class NoSDPA:  # value projection only: no attention call at all
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return attn.to_out[0](attn.to_v(hidden_states))
+
+    attn.set_processor(NoSDPA())
+    want = _run(model, inputs)
+    with apply_sparse_attention(model, SPARSE_VMOBA):
+        with pytest.warns(UserWarning, match="no scaled_dot_product_attention") as record:
+            got = _run(model, inputs)
+            _run(model, inputs)
+    assert torch.equal(got, want)
+    assert sum("no scaled_dot_product_attention" in str(w.message) for w in record) == 1
+    attn.set_processor(original)
