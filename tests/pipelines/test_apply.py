@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vzoo.pipelines import DenseConfig, PSAConfig, VMoBAConfig, apply_sparse_attention, make_config
+from vzoo.pipelines.adapters import adapter_for
 from vzoo.pipelines.attention import Unsupported, video_attention
 
 _spec = importlib.util.spec_from_file_location("tiny_models", Path(__file__).with_name("tiny_models.py"))
@@ -80,30 +81,27 @@ def test_gradients_flow_through_vmoba():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def _wan_pipe(layers: int = 2):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+@pytest.mark.parametrize("family_name", sorted(tiny.FAMILIES))
+def test_pipelines_end_to_end_with_dense_warmup(family_name):
+    """4 steps, warm-up 0.5: steps 2 and 3 are sparse whether CFG runs as two forwards (Wan) or one
+    batched forward (CogVideoX, LTX); DenseConfig and remove() give the stock latents exactly."""
+    pipe, kw, passes = tiny.pipeline(family_name)
+    layers = len(adapter_for(pipe.transformer).self_attention(pipe.transformer))
 
-    torch.manual_seed(0)
-    transformer, _ = tiny.wan(layers)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer)
+    def run():
+        return pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
 
-
-def test_wan_pipeline_dense_warmup_counts_steps_with_split_cfg():
-    """4 steps, warm-up 0.5: steps 2 and 3 are sparse; CFG runs the transformer twice per step."""
-    pipe = _wan_pipe()
-    kw = dict(prompt_embeds=torch.randn(1, 5, 16), negative_prompt_embeds=torch.randn(1, 5, 16), height=64, width=64,
-              num_frames=13, num_inference_steps=4, guidance_scale=5.0, output_type="latent")
-    stock = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+    stock = run()
     with apply_sparse_attention(pipe, DenseConfig()):
-        assert torch.equal(pipe(**kw, generator=torch.Generator().manual_seed(0)).frames, stock)
-    config = VMoBAConfig(temporal_block=(2,), spatial_block=(4, 4), cube_block=(2, 4, 4), topk=(1, 2, 3), dense_warmup=0.5)
-    with apply_sparse_attention(pipe, config) as handle:
-        out = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
-    assert handle.sparse_calls == 2 * 2 * 2  # sparse steps x CFG passes x layers
-    assert out.shape == stock.shape and torch.isfinite(out).all()
-    assert torch.equal(pipe(**kw, generator=torch.Generator().manual_seed(0)).frames, stock)
+        assert torch.equal(run(), stock)
+    with apply_sparse_attention(pipe, VMoBAConfig(topk=(1, 2, 3), dense_warmup=0.5)) as handle:
+        out = run()
+    assert handle.sparse_calls == 2 * passes * layers
+    assert out.shape == stock.shape and torch.isfinite(out).all() and not torch.equal(out, stock)
+    with apply_sparse_attention(pipe, PSAConfig(block_q=16, block_k=16, dense_warmup=0.5)) as handle:
+        assert torch.isfinite(run()).all()
+    assert handle.sparse_calls == 2 * passes * layers
+    assert torch.equal(run(), stock)
 
 
 def test_bad_use_raises():

@@ -88,3 +88,36 @@ def save_wan_pipeline(folder) -> None:
                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer)
     pipe.save_pretrained(folder)
+
+
+def pipeline(family: str):
+    """``(pipe, call kwargs, transformer passes per step)`` for a tiny pipeline of ``family`` driven by
+    prompt embeddings (no text encoder) that returns latents (no VAE), on the grid ``GRID``."""
+    from diffusers import (
+        CogVideoXDDIMScheduler, CogVideoXPipeline, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, LTXPipeline, WanPipeline,
+    )
+
+    torch.manual_seed(0)
+    transformer, _ = FAMILIES[family]()
+    common = dict(num_inference_steps=4, output_type="latent")
+    if family == "wan":
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=transformer)
+        kw = dict(prompt_embeds=torch.randn(1, 5, 16), negative_prompt_embeds=torch.randn(1, 5, 16), height=128, width=128, num_frames=13,
+                  guidance_scale=5.0)
+        return pipe, kw | common, 2  # cond and uncond as two forwards
+    if family == "cogvideox":
+        pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=CogVideoXDDIMScheduler())
+        kw = dict(prompt_embeds=torch.randn(1, 6, 16), negative_prompt_embeds=torch.randn(1, 6, 16), height=128, width=128, num_frames=13)
+        return pipe, kw | common, 1  # CFG batched into one forward
+    if family == "hunyuanvideo":
+        pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+        mask = torch.ones(1, 7)
+        mask[:, 5:] = 0
+        kw = dict(prompt_embeds=torch.randn(1, 7, 16), pooled_prompt_embeds=torch.randn(1, 8), prompt_attention_mask=mask,
+                  height=64, width=64, num_frames=13)
+        return pipe, kw | common, 1  # embedded guidance: one forward
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    kw = dict(prompt_embeds=torch.randn(1, 5, 16), prompt_attention_mask=torch.ones(1, 5), negative_prompt_embeds=torch.randn(1, 5, 16),
+              negative_prompt_attention_mask=torch.ones(1, 5), height=256, width=256, num_frames=25)
+    return pipe, kw | common, 1  # CFG batched
