@@ -8,9 +8,10 @@ max over the block's samples, rows normalised to 1); levels follow cumulative im
 (or fixed quantile quotas), optionally capped where a key block is not self-similar enough to pool.
 A pooled key stands for ``p`` keys, so its logit gets ``+ln p``.
 
-Computation: one :func:`vzoo.kernels.block_sparse_attention` per level (the pooled levels on pooled
-keys with smaller blocks; the Triton kernel on CUDA, the torch path on CPU), merged exactly by
-log-sum-exp, forward and backward.
+Computation: on the Triton backend without gradients, one fused multi-level kernel
+(:mod:`vzoo.kernels.pyramid_triton`) walks each query block's (block, level) list over the concatenated
+pyramid. Otherwise (CPU, or training) one :func:`vzoo.kernels.block_sparse_attention` per level (pooled
+levels on pooled keys with smaller blocks) merged exactly by log-sum-exp, forward and backward.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from vzoo.gilbert import gilbert_order
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention, merge_attention_states
+from vzoo.kernels.backends import resolve_backend
 from vzoo.registry import Method, register_method
 
 __all__ = ["PSAConfig", "PyramidSparseAttention", "psa_attention", "psa_levels", "psa_pool", "PSA_PRESETS"]
@@ -215,17 +217,25 @@ def psa_attention(
         k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
     levels = psa_levels(q, k, config, scale)
     s, bq, bk = q.shape[2], config.block_q, config.block_k
-    outs, lses = [], []
-    for level, p in enumerate(POOLS, 1):
-        chosen = levels == level
-        if not bool(chosen.any()):
-            continue
-        kp, vp = psa_pool(k, p, bk), psa_pool(v, p, bk)
-        layout = BlockSparseLayout.from_block_mask(chosen, bq, bk // p, s, kp.shape[2] if p > 1 else s)
-        out, lse = block_sparse_attention(q, kp, vp, layout, scale=scale, return_lse=True, backend=backend)
-        outs.append(out)
-        lses.append(lse + math.log(p))  # a pooled key stands for p keys
-    out, lse = merge_attention_states(outs, lses)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not needs_grad and resolve_backend(backend, q.device, needs_grad=False, needs_lse=True) == "triton":
+        from vzoo.kernels.pyramid_triton import pyramid_attention_fwd
+
+        ks, vs = [psa_pool(k, p, bk) for p in POOLS], [psa_pool(v, p, bk) for p in POOLS]
+        lengths = tuple(x.shape[2] for x in ks)
+        out, lse = pyramid_attention_fwd(q, torch.cat(ks, 2), torch.cat(vs, 2), levels, lengths, bq, bk, scale)
+    else:
+        outs, lses = [], []
+        for level, p in enumerate(POOLS, 1):
+            chosen = levels == level
+            if not bool(chosen.any()):
+                continue
+            kp, vp = psa_pool(k, p, bk), psa_pool(v, p, bk)
+            layout = BlockSparseLayout.from_block_mask(chosen, bq, bk // p, s, kp.shape[2] if p > 1 else s)
+            out, lse = block_sparse_attention(q, kp, vp, layout, scale=scale, return_lse=True, backend=backend)
+            outs.append(out)
+            lses.append(lse + math.log(p))  # a pooled key stands for p keys
+        out, lse = merge_attention_states(outs, lses)
     if config.reorder:
         out = torch.empty_like(out).index_copy_(2, perm, out)
         lse = torch.empty_like(lse).index_copy_(2, perm, lse)

@@ -157,3 +157,53 @@ def test_presets_and_grid_check():
     q = torch.randn(1, 1, 100, 8)
     with pytest.raises(ValueError, match="grid"):
         psa_attention(q, q, q, (4, 5, 6))
+
+
+def test_triton_path_matches_oracle_with_gradients():
+    """The per-level Triton block-sparse kernels (the interpreter on CPU), pooled levels with 4-key blocks."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(2)
+    grid, s = (4, 8, 8), 256
+    base = torch.randn(1, 2, s, 16).cumsum(2) / 4
+    q = (base + 0.3 * torch.randn_like(base)).to(dev).requires_grad_()
+    k = (base + 0.1 * torch.randn_like(base)).to(dev).requires_grad_()
+    v = torch.randn(1, 2, s, 16, device=dev, requires_grad=True)
+    cfg = PSAConfig(block_q=32, block_k=32, thresholds=(0.3, 0.5, 0.7, 0.9), sim_cap=None)
+    perm = gilbert_order(grid)
+    qo, ko, vo = (x.detach().cpu()[:, :, perm] for x in (q, k, v))
+    levels = _oracle_levels(qo, ko, cfg, 0.25)
+    assert len(levels.unique()) >= 4
+    qr, kr, vr = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    want = torch.empty(1, 2, s, 16, dtype=torch.float64).index_copy(2, perm, _oracle_attention(qr[:, :, perm], kr[:, :, perm], vr[:, :, perm], levels, cfg, 0.25))
+    got = psa_attention(q, k, v, grid, cfg, backend="triton")
+    torch.testing.assert_close(got.cpu(), want.float(), atol=1e-5, rtol=1e-5)
+    up = torch.randn(got.shape)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), up.to(dev)), torch.autograd.grad(want, (qr, kr, vr), up.double())):
+        torch.testing.assert_close(a.cpu(), b.float(), atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "grid,cfg",
+    [
+        ((4, 8, 8), PSAConfig(block_q=32, block_k=32, thresholds=(0.3, 0.5, 0.7, 0.9), sim_cap=None)),
+        ((3, 7, 9), PSAConfig(block_q=16, block_k=32, thresholds=(0.3, 0.5, 0.7, 0.9), sim_cap=None)),  # ragged
+        ((4, 8, 8), PSAConfig(block_q=32, block_k=16, mode="quantile", quantiles=(0.25, 0.25, 0.25, 0.1), reorder=False)),
+    ],
+)
+def test_fused_pyramid_kernel_matches_oracle(grid, cfg):
+    """Inference on the Triton backend takes the fused multi-level kernel (the interpreter on CPU)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(4)
+    s = math.prod(grid)
+    base = torch.randn(1, 2, s, 16).cumsum(2) / 4
+    q, k = base + 0.3 * torch.randn_like(base), base + 0.1 * torch.randn_like(base)
+    v = torch.randn(1, 2, s, 16)
+    perm = gilbert_order(grid) if cfg.reorder else torch.arange(s)
+    qo, ko, vo = (x[:, :, perm] for x in (q, k, v))
+    levels = _oracle_levels(qo, ko, cfg, 0.25)
+    assert len(levels.unique()) >= 4
+    want = torch.empty(1, 2, s, 16, dtype=torch.float64).index_copy(2, perm, _oracle_attention(qo, ko, vo, levels, cfg, 0.25))
+    with torch.no_grad():
+        got, lse = psa_attention(q.to(dev), k.to(dev), v.to(dev), grid, cfg, backend="triton", return_lse=True)
+    torch.testing.assert_close(got.cpu(), want.float(), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(lse).all()
