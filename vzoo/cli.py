@@ -103,6 +103,52 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_run(task: str, model: str, data: str, args: argparse.Namespace):
+    if task == "reid":
+        from vzoo.tasks.reid import reid_run
+
+        return reid_run(model, data, args.batch_size, tuple(args.image_size or (256, 128)), args.pretrained, args.seed)
+    if task == "detect":
+        from vzoo.tasks.detection import detection_run
+
+        return detection_run(model, data, args.batch_size, args.image_size, args.pretrained, args.seed, args.detector)
+    raise SystemExit(f"vzoo: unknown task {task!r}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from vzoo.tasks.trainer import TrainSettings, train
+
+    settings = TrainSettings(
+        epochs=args.epochs, out=args.out, lr=args.lr, resume=args.resume, amp=args.amp, eval_every=args.eval_every,
+        ckpt_every=args.ckpt_every, stop_after=args.stop_after,
+    )
+    metrics = train(_task_run(args.task, args.model, args.data, args), settings)
+    if metrics:
+        print(json.dumps(metrics))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from vzoo.tasks.trainer import load_checkpoint
+
+    state = load_checkpoint(args.checkpoint)
+    meta = state.get("meta", {})
+    if meta.get("task") != args.task:
+        raise SystemExit(f"vzoo eval: {args.checkpoint} is a {meta.get('task')!r} checkpoint, not {args.task!r}")
+    args.image_size = meta.get("size")
+    args.detector = meta.get("detector", "fasterrcnn")
+    run = _task_run(args.task, meta["model"], args.data, args)
+    run.model.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = run.evaluate(run.model.to(device), device)
+    print(json.dumps(metrics))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from vzoo.bench import check_bar, format_table, kernel_rows, save_plot
 
@@ -150,6 +196,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--fps", type=int, default=16)
     gen.add_argument("--out", required=True, metavar="FILE", help=".mp4 or .gif")
     gen.set_defaults(func=_generate)
+    tasks = ["reid", "detect"]
+    tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID or detection data")
+    tr.add_argument("task", choices=tasks)
+    tr.add_argument("--model", required=True, help="timm model name (vzoo's included)")
+    tr.add_argument("--data", required=True, metavar="DIR")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--out", required=True, metavar="DIR")
+    tr.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    tr.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    tr.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (downloads)")
+    tr.add_argument("--lr", type=float, default=3.5e-4)
+    tr.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    tr.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
+    tr.add_argument("--ckpt-every", type=int, default=0, help="steps between extra checkpoints")
+    tr.add_argument("--detector", default="fasterrcnn", choices=["fasterrcnn", "retinanet"])
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
+    tr.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="evaluate a vzoo training checkpoint")
+    ev.add_argument("task", choices=tasks)
+    ev.add_argument("--checkpoint", required=True, metavar="FILE")
+    ev.add_argument("--data", required=True, metavar="DIR")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error("--repeats must be at least 1")
