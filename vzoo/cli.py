@@ -111,7 +111,7 @@ def _task_run(task: str, model: str, data: str, args: argparse.Namespace):
     if task == "detect":
         from vzoo.tasks.detection import detection_run
 
-        return detection_run(model, data, args.batch_size, args.image_size, args.pretrained, args.seed, args.detector)
+        return detection_run(model, data, args.batch_size, args.image_size, args.pretrained, args.seed, args.detector, args.rois_per_image)
     raise SystemExit(f"vzoo: unknown task {task!r}")
 
 
@@ -141,6 +141,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"vzoo eval: {args.checkpoint} is a {meta.get('task')!r} checkpoint, not {args.task!r}")
     args.image_size = meta.get("size")
     args.detector = meta.get("detector", "fasterrcnn")
+    args.rois_per_image = meta.get("rois_per_image", 512)
     run = _task_run(args.task, meta["model"], args.data, args)
     run.model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -212,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
     tr.add_argument("--ckpt-every", type=int, default=0, help="steps between extra checkpoints")
     tr.add_argument("--detector", default="fasterrcnn", choices=["fasterrcnn", "retinanet"])
+    tr.add_argument("--rois-per-image", type=int, default=512, help="Faster R-CNN RoIs sampled per image")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
     tr.set_defaults(func=_train)
