@@ -112,6 +112,10 @@ def _task_run(task: str, model: str, data: str, args: argparse.Namespace):
         from vzoo.tasks.detection import detection_run
 
         return detection_run(model, data, args.batch_size, args.image_size, args.pretrained, args.seed, args.detector, args.rois_per_image)
+    if task == "ground":
+        from vzoo.tasks.grounding import grounding_run
+
+        return grounding_run(model, data, args.batch_size, tuple(args.image_size or (256, 256)), args.pretrained, args.seed, args.text_encoder)
     raise SystemExit(f"vzoo: unknown task {task!r}")
 
 
@@ -142,6 +146,7 @@ def _eval(args: argparse.Namespace) -> int:
     args.image_size = meta.get("size")
     args.detector = meta.get("detector", "fasterrcnn")
     args.rois_per_image = meta.get("rois_per_image", 512)
+    args.text_encoder = meta.get("text_encoder", "minilm")
     run = _task_run(args.task, meta["model"], args.data, args)
     run.model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -197,8 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--fps", type=int, default=16)
     gen.add_argument("--out", required=True, metavar="FILE", help=".mp4 or .gif")
     gen.set_defaults(func=_generate)
-    tasks = ["reid", "detect"]
-    tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID or detection data")
+    tasks = ["reid", "detect", "ground"]
+    tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID, detection or grounding data")
     tr.add_argument("task", choices=tasks)
     tr.add_argument("--model", required=True, help="timm model name (vzoo's included)")
     tr.add_argument("--data", required=True, metavar="DIR")
@@ -214,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--ckpt-every", type=int, default=0, help="steps between extra checkpoints")
     tr.add_argument("--detector", default="fasterrcnn", choices=["fasterrcnn", "retinanet"])
     tr.add_argument("--rois-per-image", type=int, default=512, help="Faster R-CNN RoIs sampled per image")
+    tr.add_argument("--text-encoder", default="minilm", choices=["minilm", "hash"], help="grounding: question encoder")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
     tr.set_defaults(func=_train)

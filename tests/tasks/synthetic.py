@@ -99,3 +99,37 @@ def make_shapes(root: Path, images: int = 60, size: int = 128, seed: int = 0) ->
     for split, content in splits.items():
         (root / f"{split}.json").write_text(json.dumps(content))
     return root
+
+
+def make_grounding(root: Path, samples: int = 80, size: int = 64, seed: int = 0) -> Path:
+    """Grounding data: every image holds a red square and a blue disc; the question asks for one of
+    them and the mask marks that one, so the answer region depends on the question."""
+    rng = random.Random(seed)
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    splits = {"train": [], "val": []}
+    for i in range(samples):
+        arr = np.random.default_rng(seed * 1000 + i).normal(120, 15, (size, size, 3)).clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+        draw = ImageDraw.Draw(img)
+        s = size // 4
+        spots = rng.sample([(x, y) for x in range(0, size - s, s // 2) for y in range(0, size - s, s // 2)], 2)
+        (ax, ay), (bx, by) = spots
+        if abs(ax - bx) < s and abs(ay - by) < s:
+            bx = (ax + s + 2) % (size - s)
+        draw.rectangle([ax, ay, ax + s, ay + s], fill=(220, 40, 40))
+        draw.ellipse([bx, by, bx + s, by + s], fill=(40, 60, 220))
+        ask_square = i % 2 == 0
+        mask = Image.new("L", (size, size), 0)
+        mdraw = ImageDraw.Draw(mask)
+        if ask_square:
+            mdraw.rectangle([ax, ay, ax + s, ay + s], fill=255)
+        else:
+            mdraw.ellipse([bx, by, bx + s, by + s], fill=255)
+        img.save(root / "images" / f"{i:04d}.jpg")
+        mask.save(root / "masks" / f"{i:04d}.png")
+        question = "where is the red square" if ask_square else "where is the blue circle"
+        splits["val" if i % 5 == 0 else "train"].append(dict(image=f"images/{i:04d}.jpg", question=question, mask=f"masks/{i:04d}.png"))
+    for split, entries in splits.items():
+        (root / f"{split}.json").write_text(json.dumps(entries))
+    return root
