@@ -107,7 +107,7 @@ def _task_run(task: str, model: str, data: str, args: argparse.Namespace):
     if task == "reid":
         from vzoo.tasks.reid import reid_run
 
-        return reid_run(model, data, args.batch_size, tuple(args.image_size or (256, 128)), args.pretrained, args.seed)
+        return reid_run(model, data, args.batch_size, tuple(args.image_size or (256, 128)), args.pretrained, args.seed, placement=args.attention)
     if task == "detect":
         from vzoo.tasks.detection import detection_run
 
@@ -134,6 +134,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reid_search(args: argparse.Namespace) -> int:
+    from vzoo.tasks.reid_search import search
+
+    search(args.model, args.data, args.placements, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
+           size=tuple(args.image_size or (256, 128)), lr=args.lr)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -147,6 +155,7 @@ def _eval(args: argparse.Namespace) -> int:
     args.detector = meta.get("detector", "fasterrcnn")
     args.rois_per_image = meta.get("rois_per_image", 512)
     args.text_encoder = meta.get("text_encoder", "minilm")
+    args.attention = meta.get("placement", "none")
     run = _task_run(args.task, meta["model"], args.data, args)
     run.model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -220,9 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--detector", default="fasterrcnn", choices=["fasterrcnn", "retinanet"])
     tr.add_argument("--rois-per-image", type=int, default=512, help="Faster R-CNN RoIs sampled per image")
     tr.add_argument("--text-encoder", default="minilm", choices=["minilm", "hash"], help="grounding: question encoder")
+    tr.add_argument("--attention", default="none", metavar="PLACEMENT", help="re-ID: attention blocks, e.g. lite:3,4 or se:1,2,3,4")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
     tr.set_defaults(func=_train)
+    rs = sub.add_parser("reid-search", help="train re-ID models with attention blocks at different stages; speed vs mAP")
+    rs.add_argument("--model", required=True)
+    rs.add_argument("--data", required=True, metavar="DIR")
+    rs.add_argument("--placements", nargs="+", default=["none", "lite:4", "lite:3,4", "lite:1,2,3,4", "se:1,2,3,4", "cbam:1,2,3,4", "nonlocal:3"])
+    rs.add_argument("--epochs", type=int, default=10)
+    rs.add_argument("--batch-size", type=int, default=32)
+    rs.add_argument("--lr", type=float, default=3.5e-4)
+    rs.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    rs.add_argument("--out", required=True, metavar="DIR")
+    rs.set_defaults(func=_reid_search)
     ev = sub.add_parser("eval", help="evaluate a vzoo training checkpoint")
     ev.add_argument("task", choices=tasks)
     ev.add_argument("--checkpoint", required=True, metavar="FILE")

@@ -127,15 +127,19 @@ class PKSampler(Sampler[int]):
 
 
 class ReIDModel(nn.Module):
-    """timm backbone (pooled features) + BNNeck + bias-free classifier.
+    """timm backbone (pooled features) + BNNeck + bias-free classifier; ``placement`` ("none", or e.g.
+    "lite:3,4", see :func:`vzoo.reid_attention.insert_attention`) adds attention blocks after stages.
 
     ``forward`` returns ``(logits, pre-BN feature)`` in training and the post-BN feature in eval mode."""
 
-    def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, **backbone_kwargs) -> None:
+    def __init__(self, backbone: str, num_classes: int, pretrained: bool = False, placement: str = "none", **backbone_kwargs) -> None:
         super().__init__()
         import timm
 
+        from vzoo.reid_attention import insert_attention, parse_placement
+
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **backbone_kwargs)
+        insert_attention(self.backbone, *parse_placement(placement))
         dim = self.backbone.num_features if getattr(self.backbone, "head_hidden_size", None) is None else self.backbone.head_hidden_size
         self.bnneck = nn.BatchNorm1d(dim)
         self.bnneck.bias.requires_grad_(False)  # BoT: the neck's shift is frozen at 0
@@ -204,7 +208,7 @@ def evaluate_model(model: nn.Module, split: dict[str, list[ReIDSample]], size: t
 
 
 def reid_run(model_name: str, data: str | Path, batch_size: int, size: tuple[int, int] = (256, 128), pretrained: bool = False,
-             seed: int = 0, instances: int = 4):
+             seed: int = 0, instances: int = 4, placement: str = "none"):
     """The re-ID :class:`~vzoo.tasks.trainer.TaskRun`: PK batches (``batch_size / instances`` identities),
     CE with label smoothing 0.1 on post-BN logits + batch-hard triplet (margin 0.3) on pre-BN features."""
     from .trainer import TaskRun
@@ -212,7 +216,7 @@ def reid_run(model_name: str, data: str | Path, batch_size: int, size: tuple[int
     split = read_market1501(data)
     pids = [s.pid for s in split["train"]]
     num_classes = max(pids) + 1
-    model = ReIDModel(model_name, num_classes, pretrained=pretrained)
+    model = ReIDModel(model_name, num_classes, pretrained=pretrained, placement=placement)
     sampler = PKSampler(pids, batch_size // instances, instances, seed)
     images = ReIDImages(split["train"], size, train=True)
 
@@ -230,5 +234,5 @@ def reid_run(model_name: str, data: str | Path, batch_size: int, size: tuple[int
         logits, feat = net(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=0.1) + batch_hard_triplet_loss(feat.float(), y)
 
-    meta = dict(task="reid", model=model_name, num_classes=num_classes, size=list(size))
+    meta = dict(task="reid", model=model_name, num_classes=num_classes, size=list(size), placement=placement)
     return TaskRun(model, batches, load, loss, lambda net, device: evaluate_model(net, split, size, device), meta)
