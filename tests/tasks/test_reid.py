@@ -134,3 +134,9 @@ def test_torchrun_two_processes_on_cpu(market, tmp_path):
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and set(metrics) == {"history", "final", "steps", "world_size"}
     assert {"mAP", "rank1", "rank5", "rank10"} <= set(metrics["final"])
+
+
+def test_amp_training_runs(market, tmp_path):
+    main(["train", "reid", "--data", str(market), "--epochs", "1", "--amp", "--out", str(tmp_path), *ARGS, "--batch-size", "16"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["final"]["mAP"] <= 1

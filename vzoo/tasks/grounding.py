@@ -133,13 +133,14 @@ class _Images(torch.utils.data.Dataset):
 
 
 def grounding_run(model_name: str, data: str | Path, batch_size: int, size: tuple[int, int] = (256, 256), pretrained: bool = False,
-                  seed: int = 0, text_encoder: str = "minilm"):
-    """The grounding :class:`~vzoo.tasks.trainer.TaskRun`: cross-entropy on 2-class masks, evidence IoU on val."""
+                  seed: int = 0, text_encoder: str | Callable[[list[str]], torch.Tensor] = "minilm"):
+    """The grounding :class:`~vzoo.tasks.trainer.TaskRun`: cross-entropy on 2-class masks, evidence IoU on val.
+    ``text_encoder``: ``"minilm"`` (default), ``"hash"``, or any callable ``list[str] -> [N, E]``."""
     from .trainer import TaskRun, split_batches
 
     root = Path(data)
     train_s, val_s = read_grounding(root / "train.json"), read_grounding(root / "val.json")
-    encode = HashingTextEncoder() if text_encoder == "hash" else minilm_encoder()
+    encode = text_encoder if callable(text_encoder) else HashingTextEncoder() if text_encoder == "hash" else minilm_encoder()
     with torch.no_grad():
         train_t, val_t = encode([s.question for s in train_s]), encode([s.question for s in val_s])
     model = GroundingModel(model_name, train_t.shape[1], pretrained)
@@ -163,5 +164,5 @@ def grounding_run(model_name: str, data: str | Path, batch_size: int, size: tupl
             inter, union = inter + i, union + u
         return {"iou": inter / max(union, 1)}
 
-    meta = dict(task="ground", model=model_name, size=list(size), text_encoder=text_encoder)
+    meta = dict(task="ground", model=model_name, size=list(size), text_encoder=text_encoder if isinstance(text_encoder, str) else "custom")
     return TaskRun(model, lambda epoch: split_batches(list(range(len(train_d))), batch_size, seed, epoch), load, loss, evaluate, meta)

@@ -126,8 +126,21 @@ class PKSampler(Sampler[int]):
         return len(self.by_pid) // self.p * self.p * self.k
 
 
+def _last_stride_one(model: nn.Module) -> None:
+    """BoT's "last stride 1" for ResNet-style timm models (``layer4``): the last stage keeps the /16 map.
+    Other architectures are left as they are."""
+    stage = getattr(model, "layer4", None)
+    if not isinstance(stage, nn.Sequential) or not len(stage):
+        return
+    for m in stage[0].modules():
+        if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
+            m.stride = (1, 1)
+        elif isinstance(m, nn.AvgPool2d) and m.stride == 2:  # ResNet-D style downsampling
+            m.stride, m.kernel_size = 1, 1
+
+
 class ReIDModel(nn.Module):
-    """timm backbone (pooled features) + BNNeck + bias-free classifier; ``placement`` ("none", or e.g.
+    """timm backbone (pooled features; last stride 1 on ResNets) + BNNeck + bias-free classifier; ``placement`` ("none", or e.g.
     "lite:3,4", see :func:`vzoo.reid_attention.insert_attention`) adds attention blocks after stages.
 
     ``forward`` returns ``(logits, pre-BN feature)`` in training and the post-BN feature in eval mode."""
@@ -139,6 +152,7 @@ class ReIDModel(nn.Module):
         from vzoo.reid_attention import insert_attention, parse_placement
 
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **backbone_kwargs)
+        _last_stride_one(self.backbone)
         insert_attention(self.backbone, *parse_placement(placement))
         dim = self.backbone.num_features if getattr(self.backbone, "head_hidden_size", None) is None else self.backbone.head_hidden_size
         self.bnneck = nn.BatchNorm1d(dim)
