@@ -1,0 +1,95 @@
+"""MoBA: Mixture of Block Attention for long-context LLMs (Lu et al., arXiv 2502.13189; MoonshotAI/MoBA).
+
+Keys are cut into blocks of ``block_size`` positions. Each query scores the *complete past* blocks by
+``q . mean(K_block)`` (fp32, no scale), keeps the ``topk - 1`` best of them and always its own block, in
+which a token-level causal mask applies; blocks that end after the query are never candidates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vzoo.kernels import token_routed_attention
+
+__all__ = ["MoBAConfig", "moba_routing", "moba_attention"]
+
+
+@dataclass(frozen=True)
+class MoBAConfig:
+    """MoBA settings (the tech report's 8K/32K runs: blocks of 512, top-3).
+
+    Args:
+        block_size: key positions per block.
+        topk: blocks per query, its own block included.
+        layers: layer indices that use MoBA (``None``: all); the others keep SDPA.
+    """
+
+    block_size: int = 512
+    topk: int = 3
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"MoBAConfig.block_size={self.block_size!r} must be a positive int")
+        if not isinstance(self.topk, int) or self.topk < 1:
+            raise ValueError(f"MoBAConfig.topk={self.topk!r} must be a positive int (the own block counts)")
+        if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            raise ValueError(f"MoBAConfig.layers={self.layers!r} must be None or non-negative layer indices")
+
+
+@torch.no_grad()
+def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+    """Key-block ids per query ``[B, H, Sq, topk]`` (``-1`` unused): slot 0 is the own block, then the best
+    ``topk - 1`` complete past blocks. ``q [B, H, Sq, D]`` are the last ``Sq`` of ``Skv`` positions."""
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    pos = torch.arange(skv - sq, skv, device=q.device)
+    own = (pos // block_size).expand(b, h, sq)[..., None]
+    full = skv // block_size
+    if topk == 1 or full == 0:
+        return own
+    means = k[:, :, : full * block_size].float().unflatten(2, (full, block_size)).mean(3)
+    means = means.repeat_interleave(h // k.shape[1], 1)
+    gate = q.float() @ means.transpose(-1, -2)  # [B, H, Sq, full]
+    ends = (torch.arange(full, device=q.device) + 1) * block_size
+    gate = gate.masked_fill(ends > pos[:, None], float("-inf"))  # only blocks that end before the query
+    n = min(topk - 1, full)
+    best = gate.topk(n, dim=-1)
+    picked = torch.where(torch.isfinite(best.values), best.indices, -1)
+    return torch.cat([own, picked], -1)
+
+
+def moba_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function (``AttentionInterface``): ``query [B, H, q, D]`` after RoPE, ``key,
+    value [B, Hkv, kv, D]`` after the cache update; returns ``([B, q, H, D], None)``. Layers without a
+    MoBA config run transformers' SDPA attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    config = getattr(module, "vzoo_config", None)
+    if config is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scale = module.scaling if scaling is None else scaling
+    block_idx = moba_routing(query, key, config.block_size, config.topk)
+    if attention_mask is None:  # no padding: sdpa_mask left causality to us
+        out = token_routed_attention(query, key, value, block_idx, block_n=config.block_size, causal=True, scale=scale)
+    else:  # padding: one dense masked pass (exact), as eager attention with the routed mask
+        out = _masked(query, key, value, block_idx, config.block_size, attention_mask, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _masked(q, k, v, block_idx, block_size, attention_mask, scale):
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    k, v = (x.repeat_interleave(h // x.shape[1], 1) for x in (k, v))
+    blocks = -(-skv // block_size)
+    chosen = torch.zeros(b, h, sq, blocks + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(-1, block_idx.clamp_min(-1) % (blocks + 1), True)  # -1 lands in the spare column
+    kpos = torch.arange(skv, device=q.device)
+    allowed = chosen[..., kpos // block_size] & (kpos <= torch.arange(skv - sq, skv, device=q.device)[:, None])
+    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    allowed = allowed & mask[:, :, -sq:, :skv]
+    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return (torch.softmax(logits, -1) @ v.float()).to(q.dtype)
