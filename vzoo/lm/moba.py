@@ -3,6 +3,10 @@
 Keys are cut into blocks of ``block_size`` positions. Each query scores the *complete past* blocks by
 ``q . mean(K_block)`` (fp32, no scale), keeps the ``topk - 1`` best of them and always its own block, in
 which a token-level causal mask applies; blocks that end after the query are never candidates.
+
+As in the official efficient version, the own block (causal) and the routed past blocks (entirely
+before the query, so no mask) are computed separately and merged by log-sum-exp; the past part runs
+per key block over the queries that chose it.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vzoo.kernels import token_routed_attention
+from vzoo.kernels import merge_attention_states, token_routed_attention
 
 __all__ = ["MoBAConfig", "moba_routing", "moba_attention"]
 
@@ -73,7 +77,12 @@ def moba_attention(module, query, key, value, attention_mask, scaling=None, drop
     scale = module.scaling if scaling is None else scaling
     block_idx = moba_routing(query, key, config.block_size, config.topk)
     if attention_mask is None:  # no padding: sdpa_mask left causality to us
-        out = token_routed_attention(query, key, value, block_idx, block_n=config.block_size, causal=True, scale=scale)
+        own, lse = token_routed_attention(query, key, value, block_idx[..., :1], block_n=config.block_size, causal=True, scale=scale, return_lse=True)
+        past = block_idx[..., 1:]
+        if past.shape[-1] and bool((past >= 0).any()):
+            routed, lse_r = token_routed_attention(query, key, value, past, block_n=config.block_size, scale=scale, return_lse=True)
+            own = merge_attention_states([own, routed], [lse, lse_r])[0]
+        out = own
     else:  # padding: one dense masked pass (exact), as eager attention with the routed mask
         out = _masked(query, key, value, block_idx, config.block_size, attention_mask, scale)
     return out.transpose(1, 2).contiguous(), None
