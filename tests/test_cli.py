@@ -17,6 +17,8 @@ def test_list_shows_ops_and_backends(capsys):
         assert op in out
     assert "cpu: runs with reference, torch" in out
     assert "flex (forward only)" in out
+    for method in ("biformer", "overlock", "vmoba", "psa", "moba"):  # everything that works is listed
+        assert f"  {method} [" in out
 
 
 def test_bench_rejects_bad_arguments():

@@ -260,7 +260,7 @@ class PyramidSparseAttention(nn.Module):
 register_method(
     Method(
         name="psa",
-        paper="PSA: Pyramid Sparse Attention for Efficient Video Understanding and Generation (2025)",
+        paper="Pyramid Sparse Attention (PSA), ZIP Lab, Zhejiang University (2025)",
         arxiv="2512.04025",
         modality="video",
         ops=("block_sparse_attention", "merge_attention_states"),

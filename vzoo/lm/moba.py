@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vzoo.kernels import merge_attention_states, token_routed_attention
+from vzoo.registry import Method, register_method
 
 __all__ = ["MoBAConfig", "moba_routing", "moba_attention"]
 
@@ -102,3 +103,15 @@ def _masked(q, k, v, block_idx, block_size, attention_mask, scale):
     logits = (q.float() @ k.float().transpose(-1, -2)) * scale
     logits = logits.masked_fill(~allowed, torch.finfo(torch.float32).min)
     return (torch.softmax(logits, -1) @ v.float()).to(q.dtype)
+
+
+register_method(
+    Method(
+        name="moba",
+        paper="MoBA: Mixture of Block Attention for Long-Context LLMs (2025)",
+        arxiv="2502.13189",
+        modality="language",
+        ops=("token_routed_attention", "merge_attention_states"),
+        status="exact; transformers attn_implementation 'vzoo_moba' (vzoo.lm)",
+    )
+)
