@@ -143,10 +143,10 @@ def _per_key_block(
     ids, outs, lses = [], [], []
     for bi in range(b):
         for h in range(hq):
-            sel = chosen[bi, h]  # [Sq, NKB]
             keys, values = k[bi, h // group], v[bi, h // group]
-            for j in sel.any(0).nonzero().flatten().tolist():
-                rows = sel[:, j].nonzero().flatten()
+            pairs = chosen[bi, h].T.nonzero()  # (block, query), grouped by block
+            counts = torch.bincount(pairs[:, 0], minlength=chosen.shape[-1]).tolist()
+            for j, rows in zip((j for j, c in enumerate(counts) if c), pairs[:, 1].split([c for c in counts if c])):
                 blk = slice(j * block_n, (j + 1) * block_n)
                 out, lse = _dense_lse(q[bi, h, rows], keys[blk], values[blk], scale)
                 outs.append(out)
