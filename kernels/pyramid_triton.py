@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_backend import _LOG2E, _dot, _flags, _tiles
+from .triton_backend import _LOG2E, _dot, _flags, _softmax_step, _store_rows, _tiles
 
 __all__ = ["pyramid_attention_fwd"]
 
@@ -26,7 +26,7 @@ def _pyramid_fwd_kernel(
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     H, GROUP, SQ, HEAD_D, NQB, NKB, MAXE,
-    off1, off2, off3, end0, end1, end2, end3,
+    end0, end1, end2, end3,
     block_m, block_n, n_sub_n, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_SUB_M: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
@@ -59,7 +59,7 @@ def _pyramid_fwd_kernel(
             level = entry // NKB
             kb = entry % NKB
             width = block_n >> level
-            offset = tl.where(level == 0, 0, tl.where(level == 1, off1, tl.where(level == 2, off2, off3)))
+            offset = tl.where(level == 0, 0, tl.where(level == 1, end0, tl.where(level == 2, end1, end2)))  # levels are back to back
             level_end = tl.where(level == 0, end0, tl.where(level == 1, end1, tl.where(level == 2, end2, end3)))
             col_end = tl.minimum(offset + kb * width + width, level_end)
             bias = level.to(tl.float32)  # log2(2**level): one pooled key stands for 2**level keys
@@ -72,21 +72,9 @@ def _pyramid_fwd_kernel(
                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
                     v = tl.load(v_base + cols[:, None] * s_vn + d[None, :] * s_vd,
                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    s = _dot(q, kt, UPCAST, PREC) * qk_scale + bias
-                    s = tl.where(row_ok[:, None] & col_ok[None, :], s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    p = tl.exp2(s - m_safe[:, None])
-                    alpha = tl.exp2(m_i - m_safe)
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
-                    m_i = m_new
-    live = l_i > 0.0
-    out = acc / tl.where(live, l_i, 1.0)[:, None]
-    lse = tl.where(live, (m_i + tl.log2(tl.where(live, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    bh_row = (b * H + h) * SQ + rows
-    tl.store(O + bh_row[:, None] * HEAD_D + d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + bh_row, lse, mask=row_ok)
+                    s = tl.where(row_ok[:, None] & col_ok[None, :], _dot(q, kt, UPCAST, PREC) * qk_scale + bias, float("-inf"))
+                    m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, PREC)
+    _store_rows(O, LSE, acc, m_i, l_i, (b * H + h) * SQ + rows, row_ok, d, d_ok, HEAD_D)
 
 
 @torch.compiler.disable
@@ -120,7 +108,7 @@ def pyramid_attention_fwd(
         q, pyramid_k, pyramid_v, out, lse, count.contiguous(), entries,
         *q.stride(), *pyramid_k.stride(), *pyramid_v.stride(),
         hq, hq // pyramid_k.shape[1], sq, dim, nqb, nkb, maxe,
-        ends[0], ends[1], ends[2], ends[0], ends[1], ends[2], ends[3],
+        *ends,
         block_m, block_n, n_sub_n, scale * _LOG2E,
         BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=block_d, N_SUB_M=n_sub_m, **_flags(q), num_warps=4,
     )

@@ -49,6 +49,28 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax update with the logit tile ``s`` (log2 units, ``-inf`` = masked) and values ``v``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_rows(O, LSE, acc, m_i, l_i, bh_row, row_ok, d, d_ok, HEAD_D):
+    """Normalise and store a query tile's output and natural-log LSE (zeros and ``-inf`` for empty rows)."""
+    live = l_i > 0.0
+    out = acc / tl.where(live, l_i, 1.0)[:, None]
+    lse = tl.where(live, (m_i + tl.log2(tl.where(live, l_i, 1.0))) / _LOG2E_K, float("-inf"))
+    tl.store(O + bh_row[:, None] * HEAD_D + d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh_row, lse, mask=row_ok)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, KV_NUM, KV_IDX, TOK,
     s_qb, s_qh, s_qm, s_qd,
@@ -109,23 +131,10 @@ def _fwd_kernel(
                     allowed = use[:, None] & col_ok[None, :]
                     if CAUSAL:
                         allowed = allowed & (cols[None, :] <= rows[:, None] + causal_shift)
-                    s = _dot(q, kt, UPCAST, PREC) * qk_scale
-                    s = tl.where(allowed, s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, 1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    p = tl.exp2(s - m_safe[:, None])
-                    alpha = tl.exp2(m_i - m_safe)
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PREC)
-                    m_i = m_new
+                    s = tl.where(allowed, _dot(q, kt, UPCAST, PREC) * qk_scale, float("-inf"))
+                    m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, PREC)
 
-    live = l_i > 0.0
-    out = acc / tl.where(live, l_i, 1.0)[:, None]
-    lse = tl.where(live, (m_i + tl.log2(tl.where(live, l_i, 1.0))) / _LOG2E_K, float("-inf"))
-    bh_row = (b * H + h) * SQ + rows
-    tl.store(O + bh_row[:, None] * HEAD_D + d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + bh_row, lse, mask=row_ok)
+    _store_rows(O, LSE, acc, m_i, l_i, (b * H + h) * SQ + rows, row_ok, d, d_ok, HEAD_D)
 
 
 @triton.jit
