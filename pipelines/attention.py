@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from vzoo.kernels import merge_attention_states
+from vzoo.kernels.reference import dense_attention
 from vzoo.psa import PSAConfig, psa_attention
 from vzoo.vmoba import VMoBAConfig, vmoba_attention
 
@@ -30,16 +31,6 @@ def _key_mask(attn_mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | 
     if attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1:
         raise Unsupported(f"attention mask of shape {tuple(attn_mask.shape)} and dtype {attn_mask.dtype} (only a boolean key-padding mask is supported)")
     return attn_mask.expand(b, 1, 1, s)
-
-
-def _dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None, scale: float):
-    """Exact attention over a few keys, with its log-sum-exp (fp32): ``keep [B, 1, 1, Sk]`` masks keys."""
-    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
-    lse = logits.logsumexp(-1)
-    probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)
-    return (probs @ v.float()).to(q.dtype), lse
 
 
 def video_attention(
@@ -75,8 +66,8 @@ def video_attention(
     out_v, lse_v, density = method(qv, kv, vv, *args, scale=scale, return_lse=True, return_density=True)
     if n_text == 0:
         return out_v, density
-    keep_text = None if keep is None else keep[..., text]
-    out_t, lse_t = _dense_with_lse(qv, k[:, :, text], v[:, :, text], keep_text, scale)
+    keep_text = torch.ones((), dtype=torch.bool, device=q.device) if keep is None else keep[..., text]
+    out_t, lse_t = dense_attention(qv, k[:, :, text], v[:, :, text], keep_text, scale)  # a few text keys: exact and small
     out_v = merge_attention_states([out_v, out_t], [lse_v, lse_t])[0]
     text_out = F.scaled_dot_product_attention(q[:, :, text], k, v, attn_mask=keep, scale=scale)
     parts = [text_out, out_v] if text_first else [out_v, text_out]

@@ -81,6 +81,7 @@ def _generate(args: argparse.Namespace) -> int:
     from diffusers import DiffusionPipeline
     from diffusers.utils import export_to_gif, export_to_video
 
+    from vzoo.atomic import write_atomic
     from vzoo.pipelines import apply_sparse_attention, make_config
 
     out = Path(args.out)
@@ -97,13 +98,11 @@ def _generate(args: argparse.Namespace) -> int:
             num_inference_steps=args.steps, generator=generator, output_type="pil",
         ).frames[0]
     wall = time.perf_counter() - start
-    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # never leave a half-written video
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".gif":
-        export_to_gif(frames, str(partial), fps=args.fps)
+        write_atomic(out, lambda tmp: export_to_gif(frames, str(tmp), fps=args.fps))
     else:
-        export_to_video(frames, str(partial), fps=args.fps)
-    partial.replace(out)
+        write_atomic(out, lambda tmp: export_to_video(frames, str(tmp), fps=args.fps))
     density = "dense" if handle.density is None else f"{handle.density:.3f} (sparse layers and steps)"
     print(f"wrote {out}: {len(frames)} frames in {wall:.1f} s; attention density {density}")
     return 0

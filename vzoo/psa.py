@@ -103,15 +103,15 @@ PSA_PRESETS: dict[str, PSAConfig] = {
 }
 
 
+def _pad_to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Replicate the last token of ``[B, H, S, D]`` until S is a multiple of ``block`` (the official padding)."""
+    pad = -x.shape[2] % block
+    return torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1)], 2) if pad else x
+
+
 def psa_pool(x: torch.Tensor, p: int, block: int) -> torch.Tensor:
     """Mean-pool ``[B, H, S, D]`` by ``p`` along S after replicate-padding S to a multiple of ``block``."""
-    if p == 1:
-        return x
-    s = x.shape[2]
-    pad = -s % block
-    if pad:
-        x = torch.cat([x, x[:, :, -1:].expand(-1, -1, pad, -1)], 2)
-    return x.unflatten(2, (-1, p)).mean(3)
+    return x if p == 1 else _pad_to_blocks(x, block).unflatten(2, (-1, p)).mean(3)
 
 
 @torch.no_grad()
@@ -137,11 +137,7 @@ def _similarity_cap(k: torch.Tensor, config: PSAConfig) -> torch.Tensor:
     """Coarsest level index (1..4) each key block allows: level ``l`` (pool ``2^(l-1)``) needs mean
     cosine similarity above ``sim_cap[l-2]`` for tokens ``2^(l-2)`` apart, and every finer level too."""
     bk = config.block_k
-    kp = k.float()
-    pad = -kp.shape[2] % bk
-    if pad:
-        kp = torch.cat([kp, kp[:, :, -1:].expand(-1, -1, pad, -1)], 2)
-    blocks = F.normalize(kp.unflatten(2, (-1, bk)), dim=-1)  # [B, H, NKB, bk, D]
+    blocks = F.normalize(_pad_to_blocks(k.float(), bk).unflatten(2, (-1, bk)), dim=-1)  # [B, H, NKB, bk, D]
     allowed = torch.ones(blocks.shape[:3], dtype=torch.long, device=k.device)
     ok = torch.ones_like(allowed, dtype=torch.bool)
     for level, cap in zip((2, 3, 4), config.sim_cap):

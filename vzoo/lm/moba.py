@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from vzoo.kernels import merge_attention_states, token_routed_attention
+from vzoo.kernels.layout import ids_to_mask
+from vzoo.kernels.reference import dense_attention
 from vzoo.registry import Method, register_method
 
 __all__ = ["MoBAConfig", "moba_routing", "moba_attention"]
@@ -90,19 +92,13 @@ def moba_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 def _masked(q, k, v, block_idx, block_size, attention_mask, scale):
-    b, h, sq, _ = q.shape
-    skv = k.shape[2]
-    k, v = (x.repeat_interleave(h // x.shape[1], 1) for x in (k, v))
-    blocks = -(-skv // block_size)
-    chosen = torch.zeros(b, h, sq, blocks + 1, dtype=torch.bool, device=q.device)
-    chosen.scatter_(-1, block_idx.clamp_min(-1) % (blocks + 1), True)  # -1 lands in the spare column
+    """Dense pass with the routed blocks, token causality and transformers' padding mask (``[B, 1, q, kv]``)."""
+    sq, skv = q.shape[2], k.shape[2]
     kpos = torch.arange(skv, device=q.device)
+    chosen = ids_to_mask(block_idx, block_idx >= 0, -(-skv // block_size))  # [B, H, q, blocks]
     allowed = chosen[..., kpos // block_size] & (kpos <= torch.arange(skv - sq, skv, device=q.device)[:, None])
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    allowed = allowed & mask[:, :, -sq:, :skv]
-    logits = (q.float() @ k.float().transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    return (torch.softmax(logits, -1) @ v.float()).to(q.dtype)
+    return dense_attention(q, k, v, allowed & mask[:, :, -sq:, :skv], scale)[0]
 
 
 register_method(

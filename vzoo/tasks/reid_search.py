@@ -4,10 +4,11 @@ against validation mAP (table, JSON and PNG), to re-derive where attention pays 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from vzoo.atomic import write_atomic
 
 from .reid import reid_run
 from .trainer import TrainSettings, train
@@ -36,9 +37,7 @@ def search(model: str, data: str | Path, placements: list[str], *, epochs: int, 
         metrics = train(run, TrainSettings(epochs=epochs, out=out / placement.replace(":", "_").replace(",", "-"), lr=lr, eval_every=epochs))
         rows.append(dict(placement=placement, params_m=params, ms_per_image=_infer_ms(run.model, size), **metrics))
         print(f"{placement:<16} {params:6.2f}M params  {rows[-1]['ms_per_image']:7.2f} ms/image  mAP {metrics['mAP']:.3f}  rank1 {metrics['rank1']:.3f}")
-    tmp = out / ".search.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, out / "search.json")
+    write_atomic(out / "search.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
     _plot(rows, out / "search.png")
     return rows
 
@@ -57,7 +56,5 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("validation mAP")
     ax.set_title("attention placement: speed vs accuracy")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    write_atomic(path, fig.savefig)
     plt.close(fig)
-    os.replace(tmp, path)

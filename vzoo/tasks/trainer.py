@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from vzoo.atomic import write_atomic
+
 __all__ = ["TaskRun", "TrainSettings", "train", "save_atomic", "load_checkpoint"]
 
 
@@ -34,7 +36,6 @@ class TaskRun:
     loss: Callable[[nn.Module, object, torch.device], torch.Tensor]
     evaluate: Callable[[nn.Module, torch.device], dict[str, float]]
     meta: dict = field(default_factory=dict)  # what `vzoo eval` needs to rebuild the model
-    params: Callable[[nn.Module], list] | None = None  # optimizer parameter groups (default: all)
 
 
 @dataclass
@@ -57,16 +58,12 @@ class TrainSettings:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` that never leaves a half-written file."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -96,10 +93,8 @@ def _plot(history: list[dict], path: Path) -> None:
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    write_atomic(path, fig.savefig)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -124,8 +119,7 @@ def train(run: TaskRun, settings: TrainSettings) -> dict:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     model = run.model.to(device)
-    params = run.params(model) if run.params else model.parameters()
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     per_epoch = len(run.batches(0)) // world
     if per_epoch < 1:
         raise ValueError(f"the training data gives {len(run.batches(0))} batches, fewer than the {world} processes")
