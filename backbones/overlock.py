@@ -296,8 +296,8 @@ class OverLoCK(nn.Module):
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop what the requested intermediates do not need (and the heads)."""
         take, max_index = feature_take_indices(len(self.feature_info), indices)
-        unused = _ORDER[_ORDER.index("patch_embed3") if max_index < 2 else _ORDER.index("patch_embedx") if max_index < 3 else len(_ORDER) :]
-        for name in unused:
+        first_unused = {0: "patch_embed3", 1: "patch_embed3", 2: "patch_embedx"}.get(max_index)
+        for name in _ORDER[_ORDER.index(first_unused) :] if first_unused else ():
             setattr(self, name, nn.ModuleList() if "blocks" in name else nn.Identity())
         if prune_head or max_index < 3:
             self.aux_head = None

@@ -54,6 +54,16 @@ def test_neighborhood_rows_time_both_backends():
     assert (fast.name, ref.name) == ("torch", "reference") and fast.ms > 0 and ref.ms > 0
 
 
+def test_video_rows_measure_fidelity_on_a_small_grid():
+    from vzoo.bench_video import format_video, video_rows
+
+    rows = video_rows((4, 8, 8), heads=2, dim=16, repeats=1)
+    assert [r.method for r in rows][0] == "dense sdpa" and len(rows) == 5
+    for r in rows[1:]:
+        assert r.ms > 0 and 0 < r.density <= 1 and 0 <= r.rel_l2 < 1 and 0 < r.recall <= 1 + 1e-6
+    assert "psa balanced" in format_video(rows)
+
+
 def test_random_layout_density():
     lay = bench.random_layout(1, 2, 1024, 64, 4, torch.device("cpu"))
     assert torch.all(lay.kv_num_blocks == 4) and lay.density() == pytest.approx(4 / 16)

@@ -69,10 +69,8 @@ def _recall(q: torch.Tensor, k: torch.Tensor, key_mask_fn, chunk: int = 1024) ->
 def _vmoba_key_mask(q, k, grid, layer, config):
     perm, block_n = vmoba_permutation(grid, config.block(layer, grid))
     mask = vmoba_routing(q[:, :, perm], k[:, :, perm], block_n, topk=config.topk[layer % 3])  # permuted queries
-    inv = torch.argsort(perm)
-    key_block = torch.empty_like(perm)
-    key_block[perm] = torch.arange(len(perm)) // block_n  # block of each key in the original order
-    return lambda rows: mask[:, :, inv[rows]][..., key_block]
+    inv = torch.argsort(perm)  # position of each original token in block order
+    return lambda rows: mask[:, :, inv[rows]][..., inv // block_n]
 
 
 def _psa_key_mask(q, k, grid, config):
