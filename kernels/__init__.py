@@ -10,6 +10,7 @@ from .layout import BlockSparseLayout
 from .merge import merge_attention_states
 from .neighborhood import neighborhood_aggregate, neighborhood_rpb_index, neighborhood_window_start
 from .token_routed import token_routed_attention
+from .window import sink_window_attention, sink_window_layout
 
 __all__ = [
     "BACKENDS",
@@ -20,6 +21,8 @@ __all__ = [
     "neighborhood_aggregate",
     "neighborhood_rpb_index",
     "neighborhood_window_start",
+    "sink_window_attention",
+    "sink_window_layout",
     "token_routed_attention",
     "use_backend",
 ]

@@ -88,10 +88,13 @@ def run_attention(
     return_lse: bool,
     backend: str | None,
     reference_mask: Callable[[], torch.Tensor] | None = None,
+    window: int = 0,
+    sink: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch a validated problem to a backend. ``token_mask [B, Hl, Sq, MAXK]`` (bool) switches
     individual slots of a query block's row off for single tokens; ``reference_mask`` builds the
-    dense ``[B, Hl, Sq, Skv]`` mask the reference backend uses instead of the layout's."""
+    dense ``[B, Hl, Sq, Skv]`` mask the reference backend uses instead of the layout's; ``window``
+    and ``sink`` add the token rule of :func:`~vzoo.kernels.reference.visible_keys` (0: no window)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=return_lse)
@@ -100,7 +103,7 @@ def run_attention(
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         return (out, lse) if return_lse else out
     if name == "reference":
-        allowed = layout_token_mask(layout, token_mask, causal) if reference_mask is None else reference_mask()
+        allowed = layout_token_mask(layout, token_mask, causal, window, sink) if reference_mask is None else reference_mask()
         if allowed.shape[1] not in (1, q.shape[1]):
             allowed = allowed.repeat_interleave(q.shape[1] // allowed.shape[1], dim=1)
         out, lse = dense_attention(q, k, v, allowed, scale)
@@ -111,7 +114,9 @@ def run_attention(
             from .triton_backend import attend
         else:
             from .flex_backend import attend
-        out, lse = attend(q, k, v, layout, token_mask, causal=causal, scale=scale, need_lse=return_lse)
+        out, lse = attend(
+            q, k, v, layout, token_mask, causal=causal, scale=scale, need_lse=return_lse, window=window, sink=sink
+        )
     return (out, lse) if return_lse else out
 
 
@@ -125,6 +130,8 @@ def block_sparse_attention(
     scale: float | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    window: int | None = None,
+    sink: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query block over the key blocks ``layout`` selects.
 
@@ -137,6 +144,9 @@ def block_sparse_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the log-sum-exp.
         backend: ``"reference" | "torch" | "triton" | "flex"`` or ``None`` for the default.
+        window: token-level sliding window inside the selected blocks: the query at position ``p``
+            (bottom-right aligned) keeps keys ``j > p - window`` only (LongGen / StreamingLLM).
+        sink: with ``window``, the first ``sink`` keys stay visible too (attention sinks).
 
     Returns:
         ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse`` also ``lse [B, Hq, Sq]`` fp32,
@@ -144,6 +154,13 @@ def block_sparse_attention(
     """
     check_qkv(q, k, v)
     check_layout(layout, q, k)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"window={window!r} must be None or a positive int (tokens)")
+    if not isinstance(sink, int) or isinstance(sink, bool) or sink < 0:
+        raise ValueError(f"sink={sink!r} must be a non-negative int (tokens)")
+    if sink and window is None:
+        raise ValueError(f"sink={sink} only applies with a window")
     return run_attention(
-        q, k, v, layout, None, causal=causal, scale=scale, return_lse=return_lse, backend=backend
+        q, k, v, layout, None, causal=causal, scale=scale, return_lse=return_lse, backend=backend,
+        window=window or 0, sink=sink,
     )

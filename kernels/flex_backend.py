@@ -35,6 +35,8 @@ def attend(
     causal: bool,
     scale: float,
     need_lse: bool,
+    window: int = 0,
+    sink: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention through FlexAttention (``layout`` with ``Hl`` in ``{1, Hkv, Hq}``)."""
     layout, token_mask = broadcast_heads(layout, token_mask, q, k)
@@ -51,20 +53,17 @@ def attend(
         if token_mask is not None:
             token_mask = token_mask.repeat_interleave(hq // hu, dim=1)
     offset, bn = layout.kv_len - layout.q_len, layout.block_n
-    mask_mod = None
-    if token_mask is not None:
-        chose = token_block_mask(layout, token_mask).contiguous()  # [B, H, Sq, NKB]
+    chose = token_block_mask(layout, token_mask).contiguous() if token_mask is not None else None  # [B, H, Sq, NKB]
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = chose[b, h, q_idx, kv_idx // bn]
-            return keep & (kv_idx <= q_idx + offset) if causal else keep
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = chose[b, h, q_idx, kv_idx // bn] if chose is not None else kv_idx >= 0
+        if causal:
+            keep = keep & (kv_idx <= q_idx + offset)
+        if window:
+            keep = keep & ((kv_idx > q_idx + offset - window) | (kv_idx < sink))
+        return keep
 
-    elif causal:
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx + offset
-
-    block_mask = layout.to_flex_block_mask(mask_mod)
+    block_mask = layout.to_flex_block_mask(mask_mod if chose is not None or causal or window else None)
     result = _compiled()(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=hq != k.shape[1], return_lse=need_lse
     )

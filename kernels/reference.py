@@ -9,7 +9,7 @@ import torch
 
 from .layout import BlockSparseLayout, ids_to_mask
 
-__all__ = ["dense_attention", "token_block_mask", "layout_token_mask"]
+__all__ = ["dense_attention", "layout_token_mask", "token_block_mask", "visible_keys"]
 
 
 def dense_attention(
@@ -46,18 +46,34 @@ def token_block_mask(layout: BlockSparseLayout, token_mask: torch.Tensor | None 
     return ids_to_mask(layout.kv_indices[:, :, row], on & token_mask, layout.num_kv_blocks)
 
 
+def visible_keys(sq: int, skv: int, causal: bool, window: int = 0, sink: int = 0, device=None) -> torch.Tensor | None:
+    """bool ``[Sq, Skv]``: the token rule on top of a layout, or ``None`` when it allows everything.
+
+    Query ``i`` sits at position ``p = i + Skv - Sq`` (bottom-right aligned). ``causal`` hides keys
+    ``j > p``; ``window > 0`` keeps only keys ``j > p - window`` plus the first ``sink`` keys."""
+    if not causal and window <= 0:
+        return None
+    p = torch.arange(sq, device=device)[:, None] + (skv - sq)
+    j = torch.arange(skv, device=device)[None, :]
+    allowed = j <= p if causal else torch.ones(sq, skv, dtype=torch.bool, device=device)
+    if window > 0:
+        allowed = allowed & ((j > p - window) | (j < sink))
+    return allowed
+
+
 def layout_token_mask(
-    layout: BlockSparseLayout, token_mask: torch.Tensor | None = None, causal: bool = False
+    layout: BlockSparseLayout,
+    token_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    window: int = 0,
+    sink: int = 0,
 ) -> torch.Tensor:
     """Token-level bool mask ``[B, Hl, Sq, Skv]`` that ``layout`` (and optional per-slot ``token_mask``
-    ``[B, Hl, Sq, MAXK]``) selects, with bottom-right causal masking when ``causal``."""
+    ``[B, Hl, Sq, MAXK]``) selects, with the :func:`visible_keys` rule (causal, window, sink)."""
     sq, skv = layout.q_len, layout.kv_len
     per_token = token_block_mask(layout, token_mask)
     b, h, _, nkb = per_token.shape
     bn = layout.block_n
     allowed = per_token[..., None].expand(b, h, sq, nkb, bn).reshape(b, h, sq, nkb * bn)[..., :skv]
-    if causal:
-        qi = torch.arange(sq, device=layout.device)
-        kj = torch.arange(skv, device=layout.device)
-        allowed = allowed & (kj[None, :] <= qi[:, None] + (skv - sq))
-    return allowed
+    rule = visible_keys(sq, skv, causal, window, sink, layout.device)
+    return allowed if rule is None else allowed & rule

@@ -41,17 +41,22 @@ class _Plan:
     flat_blocks: torch.Tensor  # int64 [U * K], index into k viewed as [B * Hkv * NKB, block_n, D]
     slot_on: torch.Tensor | None  # bool [U, R, K]: slot usable by the row (count, token mask)
     key_pos: torch.Tensor | None  # int64 [U, 1, K, block_n]: key positions, when masking tokens
-    row_limit: torch.Tensor | None  # int64 [U, R, 1, 1]: last visible key position (causal)
+    row_pos: torch.Tensor | None  # int64 [U, R, 1, 1]: query positions (bottom-right aligned)
     dead: torch.Tensor | None  # bool [U, R]: rows that see no key
     chunk: int
     scale: float
+    causal: bool
+    window: int  # 0: none
+    sink: int
 
     @property
     def units(self) -> int:
         return self.flat_blocks.numel() // max(self.layout.max_blocks, 1)
 
 
-def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mask, causal: bool, scale: float) -> _Plan:
+def _plan(
+    q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mask, causal: bool, scale: float, window: int, sink: int
+) -> _Plan:
     b, hq, sq, _ = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     hu = layout.num_heads
@@ -75,20 +80,28 @@ def _plan(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mas
             tm = torch.nn.functional.pad(token_mask, (0, 0, 0, nqb * bm - sq)).view(b, hu, nqb, 1, bm, maxk)
             tm = tm.expand(b, hu, nqb, group, bm, maxk).reshape(-1, rows, maxk)
             slot_on = slot_on & tm
-    key_pos = row_limit = None
-    if causal or ragged_kv:
+    key_pos = row_pos = None
+    ruled = causal or window > 0
+    if ruled or ragged_kv:
         key_pos = (idx.clamp_min(0)[..., None] * bn + torch.arange(bn, device=dev)).view(-1, 1, maxk, bn)
-    if causal:
-        row_limit = (q_pos + (skv - sq)).view(1, nqb, rows).expand(b * hu, nqb, rows).reshape(-1, rows, 1, 1)
-    # A row is dead when no usable slot has a visible first key (the first key of a block is its
-    # smallest position, so this is exact at block granularity).
+    if ruled:
+        row_pos = (q_pos + (skv - sq)).view(1, nqb, rows).expand(b * hu, nqb, rows).reshape(-1, rows, 1, 1)
+    # A row is dead when no usable slot holds a visible key; with the causal / window rule a block
+    # [first, last] holds one iff first <= hi (hi: its last key the rule allows) and, under a window,
+    # the sink starts it or the window's left edge lies at or before hi.
     visible = slot_on if slot_on is not None else torch.ones(1, 1, maxk, dtype=torch.bool, device=dev)
-    if causal:
-        visible = visible & (key_pos[:, :, :, 0] <= row_limit[:, :, :, 0])
+    if ruled:
+        first, p = key_pos[:, :, :, 0], row_pos[:, :, :, 0]
+        hi = torch.clamp(first + bn - 1, max=skv - 1)
+        hi = torch.minimum(hi, p) if causal else hi
+        seen = first <= hi
+        if window > 0:
+            seen = seen & ((first < sink) | (torch.maximum(first, p - window + 1) <= hi))
+        visible = visible & seen
     dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
     chunk = max(1, _CHUNK_ELEMS // max(1, rows * maxk * bn))
-    return _Plan(layout, group, flat_blocks, slot_on, key_pos, row_limit, dead, chunk, scale)
+    return _Plan(layout, group, flat_blocks, slot_on, key_pos, row_pos, dead, chunk, scale, causal, window, sink)
 
 
 def _to_units(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -136,9 +149,12 @@ def _probs(
         slot_on = plan.slot_on[s] if plan.slot_on.shape[0] > 1 else plan.slot_on
         blocked.masked_fill_(~slot_on[..., None], float("-inf"))
     if plan.key_pos is not None:
-        hidden = plan.key_pos[s] >= plan.layout.kv_len
-        if plan.row_limit is not None:
-            hidden = hidden | (plan.key_pos[s] > plan.row_limit[s])
+        kp = plan.key_pos[s]
+        hidden = kp >= plan.layout.kv_len
+        if plan.causal:
+            hidden = hidden | (kp > plan.row_pos[s])
+        if plan.window > 0:
+            hidden = hidden | ((kp <= plan.row_pos[s] - plan.window) & (kp >= plan.sink))
         blocked.masked_fill_(hidden, float("-inf"))
     peak = out.amax(-1) if want_lse else None
     torch.ops.aten._softmax.out(out, -1, False, out=out)
@@ -245,9 +261,11 @@ def _dense_is_faster(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout
     return dense / _DENSE_FLOPS < sparse / _SPARSE_FLOPS + units * _UNIT_SECONDS
 
 
-def _dense_masked(q, k, v, layout: BlockSparseLayout, token_mask, causal: bool, scale: float) -> torch.Tensor:
+def _dense_masked(
+    q, k, v, layout: BlockSparseLayout, token_mask, causal: bool, scale: float, window: int, sink: int
+) -> torch.Tensor:
     """SDPA over all keys with the layout's token mask ``[B|1, 1|Hq, Sq, Skv]``; empty rows give zeros."""
-    mask = layout_token_mask(layout, token_mask, causal)
+    mask = layout_token_mask(layout, token_mask, causal, window, sink)
     if mask.shape[1] not in (1, q.shape[1]):
         mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
     dead = ~mask.any(-1, keepdim=True)  # [B, H, Sq, 1]
@@ -269,17 +287,20 @@ def attend(
     causal: bool,
     scale: float,
     need_lse: bool,
+    window: int = 0,
+    sink: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block-sparse attention; ``layout`` with ``Hl`` in ``{1, Hkv, Hq}``.
+    """Block-sparse attention; ``layout`` with ``Hl`` in ``{1, Hkv, Hq}``; ``window``/``sink`` as in
+    :func:`~vzoo.kernels.reference.visible_keys`.
 
     Returns ``out [B, Hq, Sq, D]`` (``q.dtype``) and ``lse [B, Hq, Sq]`` fp32 when ``need_lse``. Uses
     dense SDPA with the token mask instead when the cost model says it is faster (never for lse).
     """
     if not need_lse and _dense_is_faster(q, k, layout):
-        return _dense_masked(q, k, v, layout, token_mask, causal, scale), None
+        return _dense_masked(q, k, v, layout, token_mask, causal, scale, window, sink), None
     layout, token_mask = broadcast_heads(layout, token_mask, q, k)
     if layout.max_blocks == 0:  # every row is empty: give the rows one unused slot
         pad = layout.kv_indices.new_full((*layout.kv_indices.shape[:3], 1), -1)
         layout = BlockSparseLayout(layout.kv_num_blocks, pad, layout.block_m, layout.block_n, layout.q_len, layout.kv_len)
-    plan = _plan(q, k, layout, token_mask, causal, scale)
+    plan = _plan(q, k, layout, token_mask, causal, scale, window, sink)
     return _BlockSparse.apply(q, k, v, plan, need_lse)

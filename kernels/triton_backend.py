@@ -61,6 +61,17 @@ def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, PREC: tl.constexpr)
 
 
 @triton.jit
+def _visible(allowed, rows, cols, causal_shift, window, sink, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """``allowed`` less the keys the token rule hides (``rows``/``cols`` broadcast against each other)."""
+    pos = rows + causal_shift
+    if CAUSAL:
+        allowed = allowed & (cols <= pos)
+    if WINDOW:
+        allowed = allowed & ((cols > pos - window) | (cols < sink))
+    return allowed
+
+
+@triton.jit
 def _store_rows(O, LSE, acc, m_i, l_i, bh_row, row_ok, d, d_ok, HEAD_D):
     """Normalise and store a query tile's output and natural-log LSE (zeros and ``-inf`` for empty rows)."""
     live = l_i > 0.0
@@ -78,9 +89,9 @@ def _fwd_kernel(
     s_vb, s_vh, s_vn, s_vd,
     s_tb, s_th, s_tm, s_ts,
     H, HU, GROUP, HU_DIV, SQ, SKV, HEAD_D, NQB, MAXK,
-    block_m, block_n, n_sub_n, causal_shift, qk_scale,
+    block_m, block_n, n_sub_n, causal_shift, window, sink, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_SUB_M: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(NQB * N_SUB_M, B * H)``: one query tile of one head over its row's key blocks."""
     pid_m = tl.program_id(0)
@@ -128,9 +139,8 @@ def _fwd_kernel(
                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
                     v = tl.load(v_base + cols[:, None] * s_vn + d[None, :] * s_vd,
                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                    allowed = use[:, None] & col_ok[None, :]
-                    if CAUSAL:
-                        allowed = allowed & (cols[None, :] <= rows[:, None] + causal_shift)
+                    allowed = _visible(use[:, None] & col_ok[None, :], rows[:, None], cols[None, :],
+                                       causal_shift, window, sink, CAUSAL, WINDOW)
                     s = tl.where(allowed, _dot(q, kt, UPCAST, PREC) * qk_scale, float("-inf"))
                     m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, PREC)
 
@@ -168,9 +178,9 @@ def _dkdv_kernel(
     s_ob, s_oh, s_om, s_od,
     s_tb, s_th, s_tm, s_ts,
     H, HKV, HU, GROUP, HU_DIV, SQ, SKV, HEAD_D, NKB, NQB,
-    block_m, block_n, n_sub_m, causal_shift, qk_scale, scale,
+    block_m, block_n, n_sub_m, causal_shift, window, sink, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_SUB_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(NKB * N_SUB_N, B * HKV)``: one key tile, summed over the ``GROUP`` query heads sharing it
     and, for each, over the query blocks of its column list (``Q_NUM``/``Q_IDX``, width ``NQB``)."""
@@ -225,9 +235,8 @@ def _dkdv_kernel(
                             tok = tl.load(TOK + b * s_tb + hu * s_th + rows * s_tm + slot * s_ts,
                                           mask=row_ok, other=0)
                             use = use & (tok != 0)
-                        allowed = col_ok[:, None] & use[None, :]
-                        if CAUSAL:
-                            allowed = allowed & (cols[:, None] <= rows[None, :] + causal_shift)
+                        allowed = _visible(col_ok[:, None] & use[None, :], rows[None, :], cols[:, None],
+                                           causal_shift, window, sink, CAUSAL, WINDOW)
                         st = _dot(k, tl.trans(q), UPCAST, PREC) * qk_scale
                         pt = tl.where(allowed, tl.exp2(st - lse[None, :]), 0.0)
                         dv += _dot(pt.to(do.dtype), do, UPCAST, PREC)
@@ -249,9 +258,9 @@ def _dq_kernel(
     s_ob, s_oh, s_om, s_od,
     s_tb, s_th, s_tm, s_ts,
     H, HU, GROUP, HU_DIV, SQ, SKV, HEAD_D, NQB, MAXK,
-    block_m, block_n, n_sub_n, causal_shift, qk_scale, scale,
+    block_m, block_n, n_sub_n, causal_shift, window, sink, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_SUB_M: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(NQB * N_SUB_M, B * H)``: dQ of one query tile over its row's key blocks."""
     pid_m = tl.program_id(0)
@@ -301,9 +310,8 @@ def _dq_kernel(
                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
                     vt = tl.load(v_base + cols[None, :] * s_vn + d[:, None] * s_vd,
                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-                    allowed = use[:, None] & col_ok[None, :]
-                    if CAUSAL:
-                        allowed = allowed & (cols[None, :] <= rows[:, None] + causal_shift)
+                    allowed = _visible(use[:, None] & col_ok[None, :], rows[:, None], cols[None, :],
+                                       causal_shift, window, sink, CAUSAL, WINDOW)
                     s = _dot(q, kt, UPCAST, PREC) * qk_scale
                     p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
                     dp = _dot(do, vt, UPCAST, PREC)
@@ -373,6 +381,8 @@ def _fwd_impl(
     block_m: int,
     block_n: int,
     causal: bool,
+    window: int,
+    sink: int,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     bsz, hq, sq, dim = q.shape
@@ -391,9 +401,9 @@ def _fwd_impl(
         q, k, v, out, lse, kv_num, kv_idx, tok,
         *q.stride(), *k.stride(), *v.stride(), *tok_strides,
         hq, hu, hq // hkv, hq // hu, sq, skv, dim, nqb, maxk,
-        block_m, block_n, n_sub_n, skv - sq, scale * _LOG2E,
+        block_m, block_n, n_sub_n, skv - sq, window, sink, scale * _LOG2E,
         BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=block_d, N_SUB_M=n_sub_m,
-        CAUSAL=causal, HAS_TOKEN_MASK=token_mask is not None, **_flags(q), num_warps=4,
+        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, **_flags(q), num_warps=4,
     )
     return out, lse
 
@@ -412,6 +422,8 @@ def _bwd_impl(
     block_m: int,
     block_n: int,
     causal: bool,
+    window: int,
+    sink: int,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     bsz, hq, sq, dim = q.shape
@@ -440,17 +452,17 @@ def _bwd_impl(
         q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, q_slot, tok,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tok_strides,
         hq, hkv, hu, hq // hkv, hq // hu, sq, skv, dim, nkb, nqb,
-        block_m, block_n, n_sub_m, skv - sq, scale * _LOG2E, scale,
+        block_m, block_n, n_sub_m, skv - sq, window, sink, scale * _LOG2E, scale,
         BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=block_d, N_SUB_N=n_sub_n,
-        CAUSAL=causal, HAS_TOKEN_MASK=token_mask is not None, **flags, num_warps=4,
+        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, **flags, num_warps=4,
     )
     torch.library.wrap_triton(_dq_kernel)[(nqb * n_sub_m, bsz * hq)](
         q, k, v, dout, lse, delta, dq, kv_num, kv_idx, tok,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tok_strides,
         hq, hu, hq // hkv, hq // hu, sq, skv, dim, nqb, maxk,
-        block_m, block_n, n_sub_n, skv - sq, scale * _LOG2E, scale,
+        block_m, block_n, n_sub_n, skv - sq, window, sink, scale * _LOG2E, scale,
         BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=block_d, N_SUB_M=n_sub_m,
-        CAUSAL=causal, HAS_TOKEN_MASK=token_mask is not None, **flags, num_warps=4,
+        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, **flags, num_warps=4,
     )
     return dq, dk, dv
 
@@ -464,9 +476,9 @@ def _bwd_fake(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, *_) -
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, kv_num_blocks, kv_indices, token_mask, block_m, block_n, causal, scale = inputs
+    q, k, v, kv_num_blocks, kv_indices, token_mask, block_m, block_n, causal, window, sink, scale = inputs
     ctx.save_for_backward(q, k, v, *output, kv_num_blocks, kv_indices, token_mask)
-    ctx.meta = (block_m, block_n, causal, scale)
+    ctx.meta = (block_m, block_n, causal, window, sink, scale)
 
 
 def _backward(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -476,7 +488,7 @@ def _backward(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | N
     dq, dk, dv = torch.ops.vzoo.block_sparse_bwd(
         dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, token_mask, *ctx.meta
     )
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, *([None] * 9)
 
 
 register_pair("block_sparse", _fwd_impl, _bwd_impl, _fwd_fake, _bwd_fake, _backward, _setup_context)
@@ -492,6 +504,8 @@ def attend(
     causal: bool,
     scale: float,
     need_lse: bool,
+    window: int = 0,
+    sink: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """Block-sparse attention with the Triton kernels; differentiable in ``q, k, v`` (and through lse).
 
@@ -517,6 +531,6 @@ def attend(
         )
     out, lse = torch.ops.vzoo.block_sparse_fwd(
         q, k, v, layout.kv_num_blocks, layout.kv_indices, token_mask,
-        layout.block_m, layout.block_n, bool(causal), float(scale),
+        layout.block_m, layout.block_n, bool(causal), int(window), int(sink), float(scale),
     )
     return out, (lse if need_lse else None)

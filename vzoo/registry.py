@@ -39,6 +39,10 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
         "attention of each query token over its own routed key blocks (MoBA, VMoBA)",
         ("reference", "torch", "triton", "flex"),
     ),
+    "sink_window_attention": (
+        "causal sliding-window attention with attention sinks, token-exact (LongGen, StreamingLLM)",
+        ("reference", "torch", "triton", "flex"),
+    ),
     "merge_attention_states": ("exact log-sum-exp merge of partial attention results", ("torch",)),
     "neighborhood_aggregate": (
         "per-pixel weighted k x k neighbourhood sum, NATTEN border rule (ContMix dynamic kernels)",

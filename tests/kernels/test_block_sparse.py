@@ -71,6 +71,39 @@ def test_matches_oracle_fp32(oracle, triton_device, backend, causal, case):
         assert (g[fin].double() - w[fin]).abs().max() < 1e-4, name
 
 
+def window_rule(q_len, kv_len, causal, window, sink):
+    """bool [Sq, Skv] by loops: query i at position p = i + kv_len - q_len keeps key j when j > p - window
+    or j < sink (and j <= p when causal)."""
+    keep = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    for i in range(q_len):
+        p = i + kv_len - q_len
+        for j in range(kv_len):
+            keep[i, j] = (j > p - window or j < sink) and (j <= p or not causal)
+    return keep
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case,window,sink", [("ragged", 20, 0), ("gqa_shared", 33, 5), ("sparse_empty_rows", 7, 16)])
+def test_window_and_sink_match_oracle(oracle, triton_device, backend, causal, case, window, sink):
+    q, k, v, layout = make_problem(CASES[case])
+    dev = triton_device if backend == "triton" else "cpu"
+    got = run_with_grads(
+        lambda q, k, v: vk.block_sparse_attention(
+            q, k, v, layout.to(dev), causal=causal, return_lse=True, backend=backend, window=window, sink=sink
+        ),
+        q.to(dev), k.to(dev), v.to(dev),
+    )
+    allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n,
+                          layout.q_len, layout.kv_len, False)
+    allowed = allowed & window_rule(layout.q_len, layout.kv_len, causal, window, sink)
+    want = run_with_grads(lambda q, k, v: oracle.attention(q, k, v, allowed), q.double(), k.double(), v.double())
+    for name, w, g in zip(("out", "lse", "dq", "dk", "dv"), want, [t.detach().cpu() for t in got]):
+        assert torch.equal(torch.isinf(g), torch.isinf(w)), name
+        fin = ~torch.isinf(w)
+        assert (g[fin].double() - w[fin]).abs().max() < 1e-4, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_backend_half_precision(oracle, dtype):
     q, k, v, layout = make_problem(CASES["gqa_shared"], dtype)
@@ -155,6 +188,10 @@ def test_flex_backend_forward_matches_oracle(oracle):
         got = vk.block_sparse_attention(q, k, v, layout, causal=causal, backend="flex")
         want = oracle_run(oracle, q, k, v, layout, causal)[0]
         assert (got.double() - want).abs().max() < 1e-4
+    q, k, v, layout = make_problem(CASES["ragged"])
+    got = vk.block_sparse_attention(q, k, v, layout, causal=True, backend="flex", window=20, sink=4)
+    allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, 16, 32, 100, 77, False) & window_rule(100, 77, True, 20, 4)
+    assert (got.double() - oracle.attention(q.double(), k.double(), v.double(), allowed)[0]).abs().max() < 1e-4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,6 +221,9 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="layout has 3 heads"):
         three = BlockSparseLayout.from_block_mask(torch.ones(1, 3, 4, 4, dtype=torch.bool), 16, 16, 64, 64)
         vk.block_sparse_attention(q, k, v, three)
+    for kwargs, word in ((dict(window=0), "window=0"), (dict(window=8, sink=-1), "sink=-1"), (dict(sink=4), "only applies")):
+        with pytest.raises(ValueError, match=word):
+            vk.block_sparse_attention(q, k, v, layout, **kwargs)
 
 
 def test_invalid_layouts_raise_value_errors():

@@ -7,18 +7,9 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from vzoo.lm import MoBAConfig, apply_sparse_attention
 from vzoo.lm.moba import moba_attention
-
-
-def _model(kind: str):
-    torch.manual_seed(0)
-    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(LlamaConfig(**common)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
-    return model.eval()
 
 
 def _oracle(q, k, v, block, topk, scale):
@@ -40,24 +31,19 @@ def _oracle(q, k, v, block, topk, scale):
     return out
 
 
-class _Module:
-    def __init__(self, config):
-        self.vzoo_config, self.scaling = config, 0.25
-
-
 @pytest.mark.parametrize("sq", [37, 1])  # prefill (ragged last block) and one decode step
 def test_attention_matches_loop_oracle(sq):
     torch.manual_seed(1)
     q = torch.randn(1, 4, sq, 16)
     k, v = torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16)
     for topk in (1, 2, 3):
-        out, _ = moba_attention(_Module(MoBAConfig(block_size=8, topk=topk)), q, k, v, None)
-        torch.testing.assert_close(out.transpose(1, 2), _oracle(q, k, v, 8, topk, 0.25).float(), atol=1e-5, rtol=1e-5)
+        out = moba_attention(MoBAConfig(block_size=8, topk=topk), q, k, v, None, 0.25)
+        torch.testing.assert_close(out, _oracle(q, k, v, 8, topk, 0.25).float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_every_block_selected_equals_eager_with_left_padding_and_generate(kind):
-    model = _model(kind)
+def test_every_block_selected_equals_eager_with_left_padding_and_generate(lm, kind):
+    model = lm.make(kind)
     ids = torch.randint(0, 97, (2, 40))
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :7] = 0  # left padding
@@ -75,8 +61,8 @@ def test_every_block_selected_equals_eager_with_left_padding_and_generate(kind):
     assert torch.equal(gen, ref_gen)
 
 
-def test_sparse_generation_with_cache_equals_recomputation():
-    model = _model("llama")
+def test_sparse_generation_with_cache_equals_recomputation(lm):
+    model = lm.make()
     ids = torch.randint(0, 97, (1, 45))
     with torch.no_grad():
         stock = model(ids).logits
@@ -87,8 +73,8 @@ def test_sparse_generation_with_cache_equals_recomputation():
     assert torch.equal(cached, recomputed)
 
 
-def test_layers_remove_and_bad_configs():
-    model = _model("llama")
+def test_layers_remove_and_bad_configs(lm):
+    model = lm.make()
     ids = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
         stock = model(ids).logits
@@ -103,5 +89,7 @@ def test_layers_remove_and_bad_configs():
     for kwargs, field in ((dict(block_size=0), "block_size"), (dict(topk=0), "topk"), (dict(layers=(-1,)), "layers")):
         with pytest.raises(ValueError, match=f"MoBAConfig.{field}"):
             MoBAConfig(**kwargs)
+    with pytest.raises(ValueError, match="MoBAConfig.layers"):
+        apply_sparse_attention(model, MoBAConfig(layers=(3,)))
     with pytest.raises(ValueError, match="config must be"):
         apply_sparse_attention(model, {"block_size": 8})

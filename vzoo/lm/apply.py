@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch.nn as nn
 
+from .longgen import LongGenConfig, attach_eviction, longgen_attention
 from .moba import MoBAConfig, moba_attention
 
 __all__ = ["SparseAttentionHandle", "apply_sparse_attention", "register_methods"]
 
-_METHODS = {MoBAConfig: ("vzoo_moba", moba_attention)}
+
+@dataclass(frozen=True)
+class _Method:
+    name: str  # the attn_implementation name
+    attention: Callable  # (config, query, key, value, attention_mask, scale, module) -> [B, H, q, D]
+    attach: Callable | None = None  # (attention module, config) -> hook handle, per patched layer
+
+
+_METHODS = {
+    MoBAConfig: _Method("vzoo_moba", moba_attention),
+    LongGenConfig: _Method("vzoo_longgen", longgen_attention, lambda m, c: attach_eviction(m, c) if c.evicts else None),
+}
+
+
+def _interface_function(method: _Method) -> Callable:
+    """The ``AttentionInterface`` function: ``query [B, H, q, D]`` after RoPE, ``key, value [B, Hkv, kv, D]``
+    after the cache update; returns ``([B, q, H, D], None)``. Layers without a vzoo config run SDPA."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        config = getattr(module, "vzoo_config", None)
+        if config is None:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        scale = module.scaling if scaling is None else scaling
+        out = method.attention(config, query, key, value, attention_mask, scale, module)
+        return out.transpose(1, 2).contiguous(), None
+
+    attention.__name__ = f"{method.name}_attention"
+    return attention
 
 
 def register_methods() -> None:
@@ -17,9 +50,9 @@ def register_methods() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    for name, fn in _METHODS.values():
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, sdpa_mask)
+    for method in _METHODS.values():
+        AttentionInterface.register(method.name, _interface_function(method))
+        AttentionMaskInterface.register(method.name, sdpa_mask)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -32,12 +65,14 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 class SparseAttentionHandle:
     """``remove()`` (or leaving a ``with`` block) restores the model's attention implementation."""
 
-    def __init__(self, model: nn.Module, original: str, modules: list[nn.Module]) -> None:
-        self.model, self.original, self.modules = model, original, modules
+    def __init__(self, model: nn.Module, original: str, modules: list[nn.Module], hooks: list) -> None:
+        self.model, self.original, self.modules, self.hooks = model, original, modules, hooks
 
     def remove(self) -> None:
         if self.model is None:
             return
+        for hook in self.hooks:
+            hook.remove()
         for m in self.modules:
             if hasattr(m, "vzoo_config"):
                 del m.vzoo_config
@@ -51,17 +86,22 @@ class SparseAttentionHandle:
         self.remove()
 
 
-def apply_sparse_attention(model: nn.Module, config: MoBAConfig) -> SparseAttentionHandle:
-    """Switch a transformers causal LM to a vzoo method (per-layer via ``config.layers``)."""
+def apply_sparse_attention(model: nn.Module, config: MoBAConfig | LongGenConfig) -> SparseAttentionHandle:
+    """Switch a transformers causal LM to a vzoo method on the layers ``config.layer_ids`` names."""
     if type(config) not in _METHODS:
         raise ValueError(f"config must be one of {[c.__name__ for c in _METHODS]}, got {type(config).__name__}")
+    method = _METHODS[type(config)]
     register_methods()
     modules = _attention_modules(model)
     if any(hasattr(m, "vzoo_config") for m in modules):
         raise RuntimeError("the model already has vzoo sparse attention; remove() it first")
+    layers = set(config.layer_ids(max(m.layer_idx for m in modules) + 1))
     original = model.config._attn_implementation
+    hooks = []
     for m in modules:
-        if config.layers is None or m.layer_idx in config.layers:
+        if m.layer_idx in layers:
             m.vzoo_config = config
-    model.set_attn_implementation(_METHODS[type(config)][0])
-    return SparseAttentionHandle(model, original, modules)
+            if method.attach is not None and (hook := method.attach(m, config)) is not None:
+                hooks.append(hook)
+    model.set_attn_implementation(method.name)
+    return SparseAttentionHandle(model, original, modules, hooks)

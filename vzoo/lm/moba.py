@@ -37,6 +37,14 @@ class MoBAConfig:
     topk: int = 3
     layers: tuple[int, ...] | None = None
 
+    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
+        """The layers that use MoBA."""
+        if self.layers is None:
+            return tuple(range(num_layers))
+        if any(i >= num_layers for i in self.layers):
+            raise ValueError(f"MoBAConfig.layers={self.layers} has indices >= num_layers={num_layers}")
+        return tuple(self.layers)
+
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"MoBAConfig.block_size={self.block_size!r} must be a positive int")
@@ -68,16 +76,13 @@ def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int) -
     return torch.cat([own, picked], -1)
 
 
-def moba_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function (``AttentionInterface``): ``query [B, H, q, D]`` after RoPE, ``key,
-    value [B, Hkv, kv, D]`` after the cache update; returns ``([B, q, H, D], None)``. Layers without a
-    MoBA config run transformers' SDPA attention."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    config = getattr(module, "vzoo_config", None)
-    if config is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    scale = module.scaling if scaling is None else scaling
+def moba_attention(
+    config: MoBAConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scale: float, module=None,
+) -> torch.Tensor:
+    """MoBA over ``query [B, H, q, D]`` (after RoPE), the last ``q`` of ``key, value [B, Hkv, kv, D]``;
+    ``attention_mask`` is transformers' (``None``: causal only, else bool / additive ``[B, 1, q, kv]``).
+    Returns ``[B, H, q, D]``."""
     block_idx = moba_routing(query, key, config.block_size, config.topk)
     if attention_mask is None:  # no padding: sdpa_mask left causality to us
         own, lse = token_routed_attention(query, key, value, block_idx[..., :1], block_n=config.block_size, causal=True, scale=scale, return_lse=True)
@@ -88,7 +93,7 @@ def moba_attention(module, query, key, value, attention_mask, scaling=None, drop
         out = own
     else:  # padding: one dense masked pass (exact), as eager attention with the routed mask
         out = _masked(query, key, value, block_idx, config.block_size, attention_mask, scale)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 def _masked(q, k, v, block_idx, block_size, attention_mask, scale):

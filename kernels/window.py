@@ -1,0 +1,105 @@
+"""Causal sliding-window attention with attention sinks (StreamingLLM / LongGen's sink+window layers).
+
+The query at position ``p`` (bottom-right aligned: ``p = i + Skv - Sq``) sees the keys
+``p - window < j <= p`` and the first ``sink`` keys ``j < sink`` (with ``j <= p``).
+
+On the CPU (``torch`` backend) queries run in chunks of ``chunk`` tokens; each chunk calls fused SDPA
+on the sink keys plus one contiguous key range with a shared boolean band mask, so the work is
+``Sq x (sink + window + chunk)`` instead of ``Sq x Skv`` and autograd comes from SDPA. The other
+backends run :func:`block_sparse_attention` on :func:`sink_window_layout` with the same token rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .backends import resolve_backend
+from .block_sparse import block_sparse_attention, check_qkv
+from .layout import BlockSparseLayout
+
+__all__ = ["sink_window_attention", "sink_window_layout"]
+
+
+def sink_window_layout(
+    q_len: int, kv_len: int, window: int, sink: int, block: int = 64, device: torch.device | str | None = None
+) -> BlockSparseLayout:
+    """A static layout whose blocks cover every key the sink+window rule can show (the rule itself is
+    applied at token level by the kernel): the sink blocks and the blocks a ``block``-token query
+    block's windows reach, ``ceil((block + window - 2) / block)`` behind its own."""
+    local = -(-(block + window - 2) // block) + 1
+    return BlockSparseLayout.static(
+        q_len, kv_len, block, block, sink_blocks=-(-sink // block), local_blocks=local, causal=True, device=device
+    )
+
+
+def _band(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int, sink: int) -> torch.Tensor:
+    """bool ``[q, k]``: which of the keys at ``key_pos`` the queries at ``q_pos`` see."""
+    p, j = q_pos[:, None], key_pos[None, :]
+    return (j <= p) & ((j > p - window) | (j < sink))
+
+
+def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int) -> torch.Tensor:
+    sq, skv = q.shape[2], k.shape[2]
+    dev, gqa = q.device, q.shape[1] != k.shape[1]
+    shift = skv - sq
+    outs = []
+    for a in range(0, sq, chunk):
+        e = min(a + chunk, sq)
+        lo = max(0, a + shift - window + 1)  # first window key of the chunk's first query
+        hi = e + shift  # one past the chunk's last query position
+        q_pos = torch.arange(a, e, device=dev) + shift
+        if lo <= sink:  # the sink touches the window: one contiguous range
+            ks, vs, key_pos = k[:, :, :hi], v[:, :, :hi], torch.arange(hi, device=dev)
+        else:
+            ks = torch.cat([k[:, :, :sink], k[:, :, lo:hi]], 2)
+            vs = torch.cat([v[:, :, :sink], v[:, :, lo:hi]], 2)
+            key_pos = torch.cat([torch.arange(sink, device=dev), torch.arange(lo, hi, device=dev)])
+        mask = _band(q_pos, key_pos, window, sink)
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:e], ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa))
+    return torch.cat(outs, 2)
+
+
+def sink_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    sink: int = 0,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+    chunk: int = 256,
+    block: int = 64,
+) -> torch.Tensor:
+    """Causal sink+window attention.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``; the last ``Sq`` positions of the keys.
+        k, v: ``[B, Hkv, Skv, D]`` with ``Skv >= Sq``; ``Hq`` a multiple of ``Hkv`` (GQA).
+        window: local keys per query, itself included.
+        sink: leading keys every query sees.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"reference" | "torch" | "triton" | "flex"`` or ``None`` for the default.
+        chunk: queries per SDPA call on the ``torch`` backend.
+        block: block size of the layout the other backends use.
+
+    Returns:
+        ``[B, Hq, Sq, D]`` in ``q.dtype``.
+    """
+    check_qkv(q, k, v)
+    for name, value, low in (("window", window, 1), ("sink", sink, 0), ("chunk", chunk, 1), ("block", block, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}={value!r} must be an int >= {low}")
+    sq, skv = q.shape[2], k.shape[2]
+    if skv < sq:
+        raise ValueError(f"the {sq} queries must be the last of the keys, but there are only {skv} keys")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    name = resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=False)
+    if name == "torch" and q.numel() and skv:
+        return _chunked_sdpa(q, k, v, window, sink, scale, chunk)
+    layout = sink_window_layout(sq, skv, window, sink, block, q.device)
+    return block_sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=name, window=window, sink=sink)

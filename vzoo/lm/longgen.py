@@ -1,0 +1,185 @@
+"""LongGen: hybrid full / sparse attention layers for long context (Ge et al., ICLR 2025, arXiv 2410.01485).
+
+The middle third of the layers keeps full attention; the first and last thirds use a static,
+KV-cache friendly pattern:
+
+- ``"sink_window"``: the first ``sink`` tokens plus the last ``window`` tokens (the query included),
+  exact at token level. These layers evict everything else from the KV cache, so their cache holds
+  at most ``sink + window`` tokens.
+- ``"local_stride"``: blocks of ``block_size`` tokens; a query block sees the ``window // block_size``
+  nearest key blocks (its own included, token-causal), the sink blocks, and every ``stride``-th block
+  counted from position 0 (absolute, so a block used by a later token is used by all earlier ones).
+
+Both run on :func:`vzoo.kernels.block_sparse_attention` with a :meth:`BlockSparseLayout.static` layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers.cache_utils import DynamicLayer
+
+from vzoo.kernels import BlockSparseLayout, block_sparse_attention, sink_window_attention
+from vzoo.kernels.reference import dense_attention, layout_token_mask, visible_keys
+from vzoo.registry import Method, register_method
+
+__all__ = ["LongGenConfig", "SinkWindowLayer", "attach_eviction", "longgen_attention"]
+
+PATTERNS = ("sink_window", "local_stride")
+
+
+@dataclass(frozen=True)
+class LongGenConfig:
+    """LongGen settings.
+
+    Args:
+        pattern: ``"sink_window"`` or ``"local_stride"``.
+        sink: always-visible first tokens (attention sink; whole blocks under ``local_stride``).
+        window: local tokens each query sees, itself included (whole blocks under ``local_stride``).
+        block_size: kernel block size in tokens (the pattern's unit under ``local_stride``).
+        stride: ``local_stride`` only: every ``stride``-th key block is also visible (0: none).
+        full_layers: layers that keep full attention; ``None``: the middle third (``round(L / 3)``,
+            at least one, centred).
+        evict: drop evicted tokens from the KV cache on ``sink_window`` layers.
+    """
+
+    pattern: str = "sink_window"
+    sink: int = 64
+    window: int = 2048
+    block_size: int = 64
+    stride: int = 0
+    full_layers: tuple[int, ...] | None = None
+    evict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"LongGenConfig.pattern={self.pattern!r} must be one of {PATTERNS}")
+        for name, low in (("sink", 0), ("window", 1), ("block_size", 1), ("stride", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"LongGenConfig.{name}={value!r} must be an int >= {low}")
+        if self.pattern == "local_stride" and (self.window % self.block_size or self.sink % self.block_size):
+            raise ValueError(
+                f"LongGenConfig.window={self.window} and sink={self.sink} must be multiples of block_size="
+                f"{self.block_size} under pattern='local_stride'"
+            )
+        if self.stride and self.pattern != "local_stride":
+            raise ValueError(f"LongGenConfig.stride={self.stride} applies to pattern='local_stride' only")
+        if self.full_layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.full_layers):
+            raise ValueError(f"LongGenConfig.full_layers={self.full_layers!r} must be None or non-negative layer indices")
+
+    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
+        """The sparse layers of a ``num_layers`` model: all but :attr:`full_layers`."""
+        if self.full_layers is None:
+            n = max(1, round(num_layers / 3))
+            first = (num_layers - n) // 2
+            full = set(range(first, first + n))
+        else:
+            if any(i >= num_layers for i in self.full_layers):
+                raise ValueError(f"LongGenConfig.full_layers={self.full_layers} has indices >= num_layers={num_layers}")
+            full = set(self.full_layers)
+        return tuple(i for i in range(num_layers) if i not in full)
+
+    @property
+    def evicts(self) -> bool:
+        return self.evict and self.pattern == "sink_window"
+
+
+def _stride_layout(config: LongGenConfig, q_len: int, kv_len: int, device: torch.device) -> BlockSparseLayout:
+    """The ``local_stride`` pattern as a static layout shared by all heads (token-causal in the kernel)."""
+    b = config.block_size
+    return BlockSparseLayout.static(
+        q_len, kv_len, b, b, sink_blocks=config.sink // b, local_blocks=config.window // b, stride=config.stride,
+        causal=True, device=device,
+    )
+
+
+def longgen_attention(
+    config: LongGenConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scale: float, module=None,
+) -> torch.Tensor:
+    """LongGen sparse attention over ``query [B, H, q, D]`` (after RoPE), the last ``q`` of ``key, value
+    [B, Hkv, kv, D]`` (on evicting layers: the sink, the kept window and the new tokens);
+    ``attention_mask`` is transformers' (``None``: causal only). Returns ``[B, H, q, D]``."""
+    sq, skv = query.shape[2], key.shape[2]
+    window = config.window if config.pattern == "sink_window" else None
+    sink = config.sink if window else 0
+    if attention_mask is None and window:  # no padding: sdpa_mask left causality to us
+        out = sink_window_attention(query, key, value, window, sink, scale=scale, block=config.block_size)
+    elif attention_mask is None:
+        out = block_sparse_attention(query, key, value, _stride_layout(config, sq, skv, query.device), causal=True, scale=scale)
+    else:  # padding: one dense masked pass with the same rule (exact)
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        mask = mask[:, :, -sq:]
+        if mask.shape[-1] > skv:  # the cache evicted the middle: keep the sink's and the tail's columns
+            mask = torch.cat([mask[..., :sink], mask[..., mask.shape[-1] - (skv - sink) :]], -1)
+        if window:
+            allowed = visible_keys(sq, skv, True, window, sink, query.device)
+        else:
+            allowed = layout_token_mask(_stride_layout(config, sq, skv, query.device), None, True)
+        out = dense_attention(query, key, value, allowed & mask, scale)[0]
+    return out
+
+
+class SinkWindowLayer(DynamicLayer):
+    """A transformers ``DynamicLayer`` that keeps only the first ``sink`` and the last ``window - 1``
+    tokens (the next query brings the ``window``-th). It reports the full length seen, so positions
+    and masks stay those of the whole sequence."""
+
+    def __init__(self, sink: int, window: int) -> None:
+        super().__init__()
+        self.sink, self.window, self.seen = sink, window, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self.seen += key_states.shape[-2]
+        n, tail = keys.shape[-2], self.window - 1
+        if n > self.sink + tail:
+            keep = torch.cat([torch.arange(self.sink), torch.arange(n - tail, n)]).to(keys.device)
+            self.keys, self.values = keys.index_select(-2, keep), values.index_select(-2, keep)
+        return keys, values
+
+    def get_seq_length(self, *args) -> int:
+        return self.seen
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("LongGen sink+window cache layers evict tokens and cannot be cropped")
+
+
+def attach_eviction(module: nn.Module, config: LongGenConfig):
+    """Before each call of the attention ``module``, swap its layer of the call's ``DynamicCache`` for a
+    :class:`SinkWindowLayer` (keeping what it holds). Returns the hook handle."""
+
+    def hook(mod, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # 5.x / 4.57 argument names
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            return
+        i = mod.layer_idx
+        if getattr(cache, "layer_class_to_replicate", None) is not None:
+            while len(layers) <= i:
+                layers.append(cache.layer_class_to_replicate())
+        if i < len(layers) and type(layers[i]) is DynamicLayer:
+            old, layers[i] = layers[i], SinkWindowLayer(config.sink, config.window)
+            if old.is_initialized and old.keys.numel():
+                layers[i].update(old.keys, old.values)
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+register_method(
+    Method(
+        name="longgen",
+        paper="A Little Goes a Long Way: Efficient Long Context Training and Inference with Partial Contexts (ICLR 2025)",
+        arxiv="2410.01485",
+        modality="language",
+        ops=("block_sparse_attention",),
+        status="exact; transformers attn_implementation 'vzoo_longgen' (vzoo.lm), KV eviction on sink+window layers",
+    )
+)
