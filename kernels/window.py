@@ -45,6 +45,8 @@ def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int) -> 
     sq, skv = q.shape[2], k.shape[2]
     dev, gqa = q.device, q.shape[1] != k.shape[1]
     shift = skv - sq
+    q = q.contiguous()
+    interior = None  # the band mask of every full chunk past the sink is the same
     outs = []
     for a in range(0, sq, chunk):
         e = min(a + chunk, sq)
@@ -52,12 +54,17 @@ def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int) -> 
         hi = e + shift  # one past the chunk's last query position
         q_pos = torch.arange(a, e, device=dev) + shift
         if lo <= sink:  # the sink touches the window: one contiguous range
-            ks, vs, key_pos = k[:, :, :hi], v[:, :, :hi], torch.arange(hi, device=dev)
+            ks, vs = k[:, :, :hi], v[:, :, :hi]
+            mask = _band(q_pos, torch.arange(hi, device=dev), window, sink)
         else:
             ks = torch.cat([k[:, :, :sink], k[:, :, lo:hi]], 2)
             vs = torch.cat([v[:, :, :sink], v[:, :, lo:hi]], 2)
-            key_pos = torch.cat([torch.arange(sink, device=dev), torch.arange(lo, hi, device=dev)])
-        mask = _band(q_pos, key_pos, window, sink)
+            if e - a < chunk or interior is None:
+                key_pos = torch.cat([torch.arange(sink, device=dev), torch.arange(lo, hi, device=dev)])
+                mask = _band(q_pos, key_pos, window, sink)
+                interior = mask if e - a == chunk else interior
+            else:
+                mask = interior
         outs.append(F.scaled_dot_product_attention(q[:, :, a:e], ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa))
     return torch.cat(outs, 2)
 

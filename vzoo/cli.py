@@ -74,6 +74,19 @@ def _bench_video(args: argparse.Namespace) -> None:
     print(format_video(video_rows(grid, repeats=args.repeats)))
 
 
+def _bench_lm(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        print("\nlanguage models: skipped (pip install 'vzoo[lm]' for transformers)")
+        return
+    from vzoo.bench_lm import format_lm, lm_rows
+
+    tokens = [16384] if args.quick else [8192, 16384]
+    print(f"\nlanguage-model prefill: narrow Llama (4 layers, 4 heads of 64), fp32 CPU, KV cache on, median of {args.repeats}")
+    print(format_lm(lm_rows(tokens, args.repeats)))
+
+
 def _generate(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -192,6 +205,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"plot saved to {args.plot}")
     _bench_neighborhood(args, device)
     _bench_video(args)
+    _bench_lm(args)
     _bench_backbones(args, device)
     return 1 if args.strict and not all(v.startswith("PASS") for v in verdicts) else 0
 
