@@ -55,6 +55,8 @@ def lm_methods(n: int, layers: int = 4) -> dict[str, tuple[object | None, float]
     return {
         "sdpa": (None, 1.0),
         "moba (512, top-3)": (MoBAConfig(block_size=512, topk=3), moba_density(n, 512, 3)),
+        "flashmoba-style (128, top-8, key conv 3)": (
+            MoBAConfig(block_size=128, topk=8, key_conv=3), moba_density(n, 128, 8)),
         f"longgen ({sparse}/{layers} layers sink 64 + window 2048)": (
             longgen, (layers - sparse + sparse * longgen_density(n, 64, 2048)) / layers),
     }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vzoo.lm import MoBAConfig, apply_sparse_attention
-from vzoo.lm.moba import moba_attention
+from vzoo.lm.moba import KeyConv, moba_attention
 
 
 def _oracle(q, k, v, block, topk, scale):
@@ -86,10 +86,53 @@ def test_layers_remove_and_bad_configs(lm):
         handle.remove()
         assert torch.equal(model(ids).logits, stock) and model.config._attn_implementation == "sdpa"
     assert math.isfinite(stock.sum().item())
-    for kwargs, field in ((dict(block_size=0), "block_size"), (dict(topk=0), "topk"), (dict(layers=(-1,)), "layers")):
+    for kwargs, field in ((dict(block_size=0), "block_size"), (dict(topk=0), "topk"), (dict(layers=(-1,)), "layers"),
+                          (dict(key_conv=-1), "key_conv")):
         with pytest.raises(ValueError, match=f"MoBAConfig.{field}"):
             MoBAConfig(**kwargs)
     with pytest.raises(ValueError, match="MoBAConfig.layers"):
         apply_sparse_attention(model, MoBAConfig(layers=(3,)))
     with pytest.raises(ValueError, match="config must be"):
         apply_sparse_attention(model, {"block_size": 8})
+
+
+def test_key_conv_is_causal_depthwise_and_starts_as_identity():
+    torch.manual_seed(2)
+    conv = KeyConv(heads=2, head_dim=3, width=4)
+    k = torch.randn(1, 2, 9, 3)
+    assert torch.equal(conv(k), k)  # identity at start
+    with torch.no_grad():
+        conv.weight.normal_()
+    want = torch.zeros_like(k)
+    for h in range(2):
+        for c in range(3):
+            taps = conv.weight[h * 3 + c, 0]
+            for t in range(9):
+                want[0, h, t, c] = sum(taps[i] * k[0, h, t - 3 + i, c] for i in range(4) if t - 3 + i >= 0)
+    torch.testing.assert_close(conv(k), want, atol=1e-6, rtol=1e-6)
+
+
+def test_flashmoba_key_conv_trains_generates_exactly_and_is_removed(lm):
+    model = lm.make()
+    ids = torch.randint(0, 97, (1, 45))
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(ids).logits
+        model.set_attn_implementation("sdpa")
+    with apply_sparse_attention(model, MoBAConfig(block_size=8, topk=64, key_conv=3)) as handle:
+        names = [n for n, _ in model.named_parameters() if "vzoo_key_conv" in n]
+        assert names == [f"model.layers.{i}.self_attn.vzoo_key_conv.weight" for i in range(3)]
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref, atol=1e-5, rtol=1e-5)  # identity at start
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grad = model.model.layers[0].self_attn.vzoo_key_conv.weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+        model.eval()
+    assert not any("vzoo_key_conv" in n for n, _ in model.named_parameters()) and handle.model is None
+    with torch.no_grad(), apply_sparse_attention(model, MoBAConfig(block_size=8, topk=2, key_conv=4)):
+        for layer in model.model.layers:
+            layer.self_attn.vzoo_key_conv.weight.normal_(0, 0.5)
+        cached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)
+        recomputed = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, recomputed)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from .longgen import LongGenConfig, attach_eviction, longgen_attention
-from .moba import MoBAConfig, moba_attention
+from .moba import MoBAConfig, attach_key_conv, moba_attention
 
 __all__ = ["SparseAttentionHandle", "apply_sparse_attention", "register_methods"]
 
@@ -17,12 +17,12 @@ __all__ = ["SparseAttentionHandle", "apply_sparse_attention", "register_methods"
 class _Method:
     name: str  # the attn_implementation name
     attention: Callable  # (config, query, key, value, attention_mask, scale, module) -> [B, H, q, D]
-    attach: Callable | None = None  # (attention module, config) -> hook handle, per patched layer
+    attach: Callable | None = None  # (attention module, config) -> something with .remove(), or None
 
 
 _METHODS = {
-    MoBAConfig: _Method("vzoo_moba", moba_attention),
-    LongGenConfig: _Method("vzoo_longgen", longgen_attention, lambda m, c: attach_eviction(m, c) if c.evicts else None),
+    MoBAConfig: _Method("vzoo_moba", moba_attention, attach_key_conv),
+    LongGenConfig: _Method("vzoo_longgen", longgen_attention, attach_eviction),
 }
 
 
@@ -65,14 +65,14 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 class SparseAttentionHandle:
     """``remove()`` (or leaving a ``with`` block) restores the model's attention implementation."""
 
-    def __init__(self, model: nn.Module, original: str, modules: list[nn.Module], hooks: list) -> None:
-        self.model, self.original, self.modules, self.hooks = model, original, modules, hooks
+    def __init__(self, model: nn.Module, original: str, modules: list[nn.Module], attached: list) -> None:
+        self.model, self.original, self.modules, self.attached = model, original, modules, attached
 
     def remove(self) -> None:
         if self.model is None:
             return
-        for hook in self.hooks:
-            hook.remove()
+        for item in self.attached:
+            item.remove()
         for m in self.modules:
             if hasattr(m, "vzoo_config"):
                 del m.vzoo_config
@@ -97,11 +97,11 @@ def apply_sparse_attention(model: nn.Module, config: MoBAConfig | LongGenConfig)
         raise RuntimeError("the model already has vzoo sparse attention; remove() it first")
     layers = set(config.layer_ids(max(m.layer_idx for m in modules) + 1))
     original = model.config._attn_implementation
-    hooks = []
+    attached = []
     for m in modules:
         if m.layer_idx in layers:
             m.vzoo_config = config
-            if method.attach is not None and (hook := method.attach(m, config)) is not None:
-                hooks.append(hook)
+            if method.attach is not None and (item := method.attach(m, config)) is not None:
+                attached.append(item)
     model.set_attn_implementation(method.name)
-    return SparseAttentionHandle(model, original, modules, hooks)
+    return SparseAttentionHandle(model, original, modules, attached)

@@ -154,7 +154,10 @@ class SinkWindowLayer(DynamicLayer):
 
 def attach_eviction(module: nn.Module, config: LongGenConfig):
     """Before each call of the attention ``module``, swap its layer of the call's ``DynamicCache`` for a
-    :class:`SinkWindowLayer` (keeping what it holds). Returns the hook handle."""
+    :class:`SinkWindowLayer` (keeping what it holds). Returns the hook handle (``None`` when
+    ``config`` does not evict)."""
+    if not config.evicts:
+        return None
 
     def hook(mod, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # 5.x / 4.57 argument names

@@ -14,28 +14,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from vzoo.kernels import merge_attention_states, token_routed_attention
 from vzoo.kernels.layout import ids_to_mask
 from vzoo.kernels.reference import dense_attention
 from vzoo.registry import Method, register_method
 
-__all__ = ["MoBAConfig", "moba_routing", "moba_attention"]
+__all__ = ["KeyConv", "MoBAConfig", "attach_key_conv", "moba_attention", "moba_routing"]
 
 
 @dataclass(frozen=True)
 class MoBAConfig:
     """MoBA settings (the tech report's 8K/32K runs: blocks of 512, top-3).
 
+    FlashMoBA (arXiv 2511.11571) improves routing with small blocks (e.g. 128, top-8) and a short
+    causal convolution on the keys; ``key_conv=w`` adds that as a trainable :class:`KeyConv` to each
+    patched attention layer (identity at start, so a pretrained model is unchanged until trained).
+
     Args:
         block_size: key positions per block.
         topk: blocks per query, its own block included.
         layers: layer indices that use MoBA (``None``: all); the others keep SDPA.
+        key_conv: width of the depthwise causal key convolution (0: none).
     """
 
     block_size: int = 512
     topk: int = 3
     layers: tuple[int, ...] | None = None
+    key_conv: int = 0
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """The layers that use MoBA."""
@@ -52,6 +60,53 @@ class MoBAConfig:
             raise ValueError(f"MoBAConfig.topk={self.topk!r} must be a positive int (the own block counts)")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ValueError(f"MoBAConfig.layers={self.layers!r} must be None or non-negative layer indices")
+        if not isinstance(self.key_conv, int) or self.key_conv < 0:
+            raise ValueError(f"MoBAConfig.key_conv={self.key_conv!r} must be a non-negative int (0: no convolution)")
+
+
+class KeyConv(nn.Module):
+    """Depthwise causal convolution along the sequence, per key/value head and channel (FlashMoBA's
+    short key convolution): ``k [B, Hkv, S, D] -> [B, Hkv, S, D]``, position ``t`` mixing ``t - w + 1 .. t``.
+    Starts as the identity (last tap 1). It runs on the full cached keys, so decoding stays exact."""
+
+    def __init__(self, heads: int, head_dim: int, width: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.width = heads, head_dim, width
+        weight = torch.zeros(heads * head_dim, 1, width)
+        weight[:, 0, -1] = 1.0
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, k: torch.Tensor) -> torch.Tensor:
+        b, h, s, d = k.shape
+        if (h, d) != (self.heads, self.head_dim):
+            raise ValueError(f"KeyConv for {self.heads} heads of {self.head_dim} got keys {tuple(k.shape)}")
+        x = k.permute(0, 1, 3, 2).reshape(b, h * d, s)
+        y = F.conv1d(F.pad(x, (self.width - 1, 0)), self.weight.to(k.dtype), groups=h * d)
+        return y.view(b, h, d, s).permute(0, 1, 3, 2)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, head_dim={self.head_dim}, width={self.width}"
+
+
+class _Detach:
+    """Removes the key convolution a patched attention module got."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        if hasattr(self.module, "vzoo_key_conv"):
+            del self.module.vzoo_key_conv
+
+
+def attach_key_conv(module: nn.Module, config: MoBAConfig) -> _Detach | None:
+    """Give a patched attention ``module`` its trainable ``vzoo_key_conv`` (when ``config.key_conv``)."""
+    if not config.key_conv:
+        return None
+    ref = module.k_proj.weight
+    heads = module.config.num_key_value_heads
+    module.vzoo_key_conv = KeyConv(heads, module.head_dim, config.key_conv).to(ref.device, ref.dtype)
+    return _Detach(module)
 
 
 @torch.no_grad()
@@ -82,7 +137,9 @@ def moba_attention(
 ) -> torch.Tensor:
     """MoBA over ``query [B, H, q, D]`` (after RoPE), the last ``q`` of ``key, value [B, Hkv, kv, D]``;
     ``attention_mask`` is transformers' (``None``: causal only, else bool / additive ``[B, 1, q, kv]``).
-    Returns ``[B, H, q, D]``."""
+    Returns ``[B, H, q, D]``. A ``module`` with a ``vzoo_key_conv`` convolves the keys first."""
+    conv = getattr(module, "vzoo_key_conv", None)
+    key = conv(key) if conv is not None else key
     block_idx = moba_routing(query, key, config.block_size, config.topk)
     if attention_mask is None:  # no padding: sdpa_mask left causality to us
         own, lse = token_routed_attention(query, key, value, block_idx[..., :1], block_n=config.block_size, causal=True, scale=scale, return_lse=True)
