@@ -5,6 +5,7 @@ query heads are a multiple of the key/value heads. Imports only torch; triton lo
 """
 
 from .backends import BACKENDS, backend_status, use_backend
+from .block_max import attention_block_max
 from .block_sparse import block_sparse_attention
 from .layout import BlockSparseLayout
 from .merge import merge_attention_states
@@ -15,6 +16,7 @@ from .window import sink_window_attention, sink_window_layout
 __all__ = [
     "BACKENDS",
     "BlockSparseLayout",
+    "attention_block_max",
     "backend_status",
     "block_sparse_attention",
     "merge_attention_states",

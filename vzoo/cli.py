@@ -144,7 +144,17 @@ def _task_run(task: str, model: str, data: str, args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     import json
 
+    if args.task == "lm-gates":
+        from vzoo.lm.train_gates import train_gates_from_files
+
+        train_gates_from_files(args.model, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
+                               block_size=args.block_size, lr=args.lr or 1e-3)
+        return 0
+    if args.out is None:
+        raise SystemExit(f"vzoo train {args.task}: --out DIR is required")
     from vzoo.tasks.trainer import TrainSettings, train
+
+    args.lr = args.lr or 3.5e-4
 
     settings = TrainSettings(
         epochs=args.epochs, out=args.out, lr=args.lr, resume=args.resume, amp=args.amp, eval_every=args.eval_every,
@@ -235,17 +245,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--out", required=True, metavar="FILE", help=".mp4 or .gif")
     gen.set_defaults(func=_generate)
     tasks = ["reid", "detect", "ground"]
-    tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID, detection or grounding data")
-    tr.add_argument("task", choices=tasks)
-    tr.add_argument("--model", required=True, help="timm model name (vzoo's included)")
-    tr.add_argument("--data", required=True, metavar="DIR")
+    tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID, detection or grounding data, or train "
+                        "SeerAttention gates of a saved causal LM (lm-gates)")
+    tr.add_argument("task", choices=[*tasks, "lm-gates"])
+    tr.add_argument("--model", required=True, help="timm model name (vzoo's included); lm-gates: saved model DIR")
+    tr.add_argument("--data", required=True, metavar="DIR", help="dataset folder; lm-gates: a plain-text FILE")
     tr.add_argument("--epochs", type=int, default=10)
     tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--out", required=True, metavar="DIR")
+    tr.add_argument("--out", metavar="DIR", help="output folder; lm-gates: gate FILE (default MODEL/seer_gates.safetensors)")
     tr.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
     tr.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     tr.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (downloads)")
-    tr.add_argument("--lr", type=float, default=3.5e-4)
+    tr.add_argument("--lr", type=float, help="default 3.5e-4; lm-gates 1e-3")
+    tr.add_argument("--steps", type=int, default=100, help="lm-gates: optimisation steps")
+    tr.add_argument("--seq-len", type=int, default=1024, help="lm-gates: tokens per training sequence")
+    tr.add_argument("--block-size", type=int, default=64, help="lm-gates: gate block size")
     tr.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
     tr.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
     tr.add_argument("--ckpt-every", type=int, default=0, help="steps between extra checkpoints")

@@ -43,6 +43,10 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
         "causal sliding-window attention with attention sinks, token-exact (LongGen, StreamingLLM)",
         ("reference", "torch", "triton", "flex"),
     ),
+    "attention_block_max": (
+        "block max-pooled attention probabilities without the full matrix (SeerAttention's gate target)",
+        ("reference", "torch"),
+    ),
     "merge_attention_states": ("exact log-sum-exp merge of partial attention results", ("torch",)),
     "neighborhood_aggregate": (
         "per-pixel weighted k x k neighbourhood sum, NATTEN border rule (ContMix dynamic kernels)",

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .longgen import LongGenConfig, attach_eviction, longgen_attention
 from .moba import MoBAConfig, attach_key_conv, moba_attention
+from .seer import SeerAttentionConfig, attach_gate, seer_attention
 
 __all__ = ["SparseAttentionHandle", "apply_sparse_attention", "register_methods"]
 
@@ -16,13 +17,14 @@ __all__ = ["SparseAttentionHandle", "apply_sparse_attention", "register_methods"
 @dataclass(frozen=True)
 class _Method:
     name: str  # the attn_implementation name
-    attention: Callable  # (config, query, key, value, attention_mask, scale, module) -> [B, H, q, D]
-    attach: Callable | None = None  # (attention module, config) -> something with .remove(), or None
+    attention: Callable  # (config, query, key, value, attention_mask, scale, module, **kwargs) -> [B, H, q, D]
+    attach: Callable | None = None  # (model, attention module, config) -> something with .remove(), or None
 
 
 _METHODS = {
     MoBAConfig: _Method("vzoo_moba", moba_attention, attach_key_conv),
     LongGenConfig: _Method("vzoo_longgen", longgen_attention, attach_eviction),
+    SeerAttentionConfig: _Method("vzoo_seer", seer_attention, attach_gate),
 }
 
 
@@ -37,7 +39,7 @@ def _interface_function(method: _Method) -> Callable:
         if config is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         scale = module.scaling if scaling is None else scaling
-        out = method.attention(config, query, key, value, attention_mask, scale, module)
+        out = method.attention(config, query, key, value, attention_mask, scale, module, **kwargs)
         return out.transpose(1, 2).contiguous(), None
 
     attention.__name__ = f"{method.name}_attention"
@@ -86,7 +88,7 @@ class SparseAttentionHandle:
         self.remove()
 
 
-def apply_sparse_attention(model: nn.Module, config: MoBAConfig | LongGenConfig) -> SparseAttentionHandle:
+def apply_sparse_attention(model: nn.Module, config: MoBAConfig | LongGenConfig | SeerAttentionConfig) -> SparseAttentionHandle:
     """Switch a transformers causal LM to a vzoo method on the layers ``config.layer_ids`` names."""
     if type(config) not in _METHODS:
         raise ValueError(f"config must be one of {[c.__name__ for c in _METHODS]}, got {type(config).__name__}")
@@ -101,7 +103,7 @@ def apply_sparse_attention(model: nn.Module, config: MoBAConfig | LongGenConfig)
     for m in modules:
         if m.layer_idx in layers:
             m.vzoo_config = config
-            if method.attach is not None and (item := method.attach(m, config)) is not None:
+            if method.attach is not None and (item := method.attach(model, m, config)) is not None:
                 attached.append(item)
     model.set_attn_implementation(method.name)
     return SparseAttentionHandle(model, original, modules, attached)

@@ -98,7 +98,7 @@ def _stride_layout(config: LongGenConfig, q_len: int, kv_len: int, device: torch
 
 def longgen_attention(
     config: LongGenConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, scale: float, module=None,
+    attention_mask: torch.Tensor | None, scale: float, module=None, **_,
 ) -> torch.Tensor:
     """LongGen sparse attention over ``query [B, H, q, D]`` (after RoPE), the last ``q`` of ``key, value
     [B, Hkv, kv, D]`` (on evicting layers: the sink, the kept window and the new tokens);
@@ -152,7 +152,7 @@ class SinkWindowLayer(DynamicLayer):
         raise NotImplementedError("LongGen sink+window cache layers evict tokens and cannot be cropped")
 
 
-def attach_eviction(module: nn.Module, config: LongGenConfig):
+def attach_eviction(model: nn.Module, module: nn.Module, config: LongGenConfig):
     """Before each call of the attention ``module``, swap its layer of the call's ``DynamicCache`` for a
     :class:`SinkWindowLayer` (keeping what it holds). Returns the hook handle (``None`` when
     ``config`` does not evict)."""

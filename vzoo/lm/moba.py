@@ -99,7 +99,7 @@ class _Detach:
             del self.module.vzoo_key_conv
 
 
-def attach_key_conv(module: nn.Module, config: MoBAConfig) -> _Detach | None:
+def attach_key_conv(model: nn.Module, module: nn.Module, config: MoBAConfig) -> _Detach | None:
     """Give a patched attention ``module`` its trainable ``vzoo_key_conv`` (when ``config.key_conv``)."""
     if not config.key_conv:
         return None
@@ -133,7 +133,7 @@ def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int) -
 
 def moba_attention(
     config: MoBAConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, scale: float, module=None,
+    attention_mask: torch.Tensor | None, scale: float, module=None, **_,
 ) -> torch.Tensor:
     """MoBA over ``query [B, H, q, D]`` (after RoPE), the last ``q`` of ``key, value [B, Hkv, kv, D]``;
     ``attention_mask`` is transformers' (``None``: causal only, else bool / additive ``[B, 1, q, kv]``).

@@ -1,0 +1,82 @@
+"""Block max-pooled attention map: the training target of SeerAttention's AttnGate (arXiv 2410.13276).
+
+For each (query block, key block) pair, the largest softmax-normalised probability any query token
+of the block gives any key token of the block. The ``torch`` backend walks query blocks in chunks and
+keeps only ``chunk x Skv`` scores at a time (the ``Sq x Skv`` attention matrix is never formed); the
+``reference`` backend materialises it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .backends import resolve_backend
+from .block_sparse import check_qkv
+
+__all__ = ["attention_block_max"]
+
+_CHUNK_ELEMS = 1 << 24  # fp32 scores per chunk (64 MiB)
+
+
+def _block_max_of_rows(scores: torch.Tensor, block: int, q_rows: int) -> torch.Tensor:
+    """``scores [B, H, R, Skv]`` (masked with -inf) -> ``[B, H, ceil(R / block), ceil(Skv / block)]``:
+    per key block the max of ``exp(score - lse)``, then the max over each block of rows."""
+    b, h, r, skv = scores.shape
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    pad = -skv % block
+    if pad:
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    peak = torch.exp(scores.view(b, h, r, -1, block).amax(-1) - lse)  # [B, H, R, NKB]
+    rpad = -r % block
+    if rpad:
+        peak = torch.nn.functional.pad(peak, (0, 0, 0, rpad))
+    return peak.view(b, h, -1, block, peak.shape[-1]).amax(3)
+
+
+def attention_block_max(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block: int,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Block max-pooled attention probabilities.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``, the last ``Sq`` positions of the keys (bottom-right causal).
+        k: ``[B, Hkv, Skv, D]``; ``Hq`` a multiple of ``Hkv`` (GQA).
+        block: query and key block size in tokens.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        causal: mask keys after each query.
+        backend: ``"reference"`` or ``"torch"`` (default).
+
+    Returns:
+        fp32 ``[B, Hq, ceil(Sq / block), ceil(Skv / block)]`` with entries in ``[0, 1]`` (0 where no
+        pair of the two blocks is visible). Not differentiable (a training target).
+    """
+    check_qkv(q, k, k)
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block={block!r} must be a positive int")
+    name = resolve_backend(backend, q.device, needs_grad=False, needs_lse=False, supports=("reference", "torch"))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    b, hq, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    shift = skv - sq
+    with torch.no_grad():
+        kf = k.float()
+        rows = sq if name == "reference" else max(block, _CHUNK_ELEMS // max(1, b * hq * skv) // block * block)
+        parts = []
+        for r0 in range(0, sq, rows):
+            r1 = min(r0 + rows, sq)
+            qc = q[:, :, r0:r1].float().reshape(b, hkv, g * (r1 - r0), d)
+            s = (qc @ kf.transpose(-1, -2) * scale).view(b, hq, r1 - r0, skv)
+            if causal:
+                pos = torch.arange(r0, r1, device=q.device)[:, None] + shift
+                s = s.masked_fill(torch.arange(skv, device=q.device) > pos, float("-inf"))
+            parts.append(_block_max_of_rows(s, block, r1 - r0))
+        return torch.cat(parts, 2)

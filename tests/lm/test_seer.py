@@ -1,0 +1,193 @@
+"""SeerAttention in transformers: the gate against loops, exact block-sparse inference, equality with eager
+attention when every block is kept, self-distillation that learns, gate files, the lm-gates command."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vzoo.cli import main
+from vzoo.lm import SeerAttentionConfig, apply_sparse_attention, block_recall, load_gates, save_gates, seer_distill_loss
+from vzoo.lm.seer import seer_attention
+from vzoo.lm.train_gates import train_gates
+
+
+def rope(x, pos, theta=10000.0):
+    """Rotate-half RoPE of ``x [..., E]`` at integer position ``pos``, computed from scratch."""
+    e = x.shape[-1]
+    freq = pos / theta ** (torch.arange(0, e, 2, dtype=torch.float64) / e)
+    cos, sin = torch.cat([freq.cos(), freq.cos()]), torch.cat([freq.sin(), freq.sin()])
+    return x * cos + torch.cat([-x[..., e // 2 :], x[..., : e // 2]]) * sin
+
+
+def loop_gate(q, k, pos, block, w_k, w_q=None):
+    """Gate logits [B, H, NB, NB] by loops: avg-pooled q, max/min/avg-pooled k, per-head projections."""
+    b, hq, s, _ = q.shape
+    g = hq // k.shape[1]
+    nb = -(-s // block)
+    hidden = w_k.shape[-1]
+    out = torch.full((b, hq, nb, nb), torch.finfo(torch.float32).min, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            for i in range(nb):
+                qi = q[bi, h, i * block : (i + 1) * block].double().mean(0)
+                qi = qi @ w_q[h].double() if w_q is not None else qi
+                qi = rope(qi, int(pos[bi, i * block]))
+                for j in range(i + 1):
+                    kj = k[bi, h // g, j * block : (j + 1) * block].double()
+                    kcat = torch.cat([kj.amax(0), kj.amin(0), kj.mean(0)])
+                    kh = kcat @ w_k[h // g if w_q is not None else h].double()
+                    out[bi, h, i, j] = qi @ rope(kh, int(pos[bi, j * block])) / math.sqrt(hidden)
+    return out
+
+
+@pytest.mark.parametrize("force_double", [False, True])
+def test_gate_matches_loops(lm, force_double):
+    model = lm.make()
+    apply_sparse_attention(model, SeerAttentionConfig(block_size=8, force_double=force_double))
+    gate = model.model.layers[0].self_attn.attn_gate
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 4, 37, 16), torch.randn(2, 2, 37, 16)
+    pos = torch.arange(37).expand(2, 37) + torch.tensor([[0], [5]])
+    with torch.no_grad():
+        got = gate(q, k, pos)
+    w_q = gate.mask_linear_q.weight if force_double else None
+    want = loop_gate(q, k, pos, 8, gate.mask_linear_k.weight, w_q)
+    assert (got.double() - want).abs().max() < 1e-4
+
+
+def naive(q, k, v, allowed, scale):
+    k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1).double() for x in (k, v))
+    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("selection", [dict(topk=2), dict(threshold=0.1), dict(topk=1, last_block_dense=True)])
+def test_inference_attends_exactly_the_selected_blocks(lm, selection):
+    model = lm.make()
+    config = SeerAttentionConfig(block_size=8, **selection)
+    apply_sparse_attention(model, config)
+    module = model.model.layers[0].self_attn
+    torch.manual_seed(4)
+    q_pre, k_pre = torch.randn(1, 4, 43, 16), torch.randn(1, 2, 43, 16)
+    query, key, value = torch.randn(1, 4, 43, 16), torch.randn(1, 2, 43, 16), torch.randn(1, 2, 43, 16)
+    pos = torch.arange(43)[None]
+    logits = loop_gate(q_pre, k_pre, pos, 8, module.attn_gate.mask_linear_k.weight)
+    probs = torch.softmax(logits, -1)
+    if "topk" in selection:
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, probs.topk(selection["topk"], -1).indices, True)
+    else:
+        keep = probs > selection["threshold"]
+    if selection.get("last_block_dense"):
+        keep[..., -1, :] = True
+    allowed = torch.zeros(1, 4, 43, 43, dtype=torch.bool)
+    for i in range(43):
+        for j in range(i + 1):
+            allowed[..., i, j] = keep[..., i // 8, j // 8]
+    want = naive(query, key, value, allowed, 0.25)
+    for mask in (None, torch.ones(1, 1, 43, 43, dtype=torch.bool)):  # kernel path and padded (dense) path
+        module.attn_gate.pending = (q_pre, k_pre)
+        with torch.no_grad():
+            got = seer_attention(config, query, key, value, mask, 0.25, module, position_ids=pos)
+        assert (got.double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_every_block_kept_equals_eager_with_left_padding_and_generate(lm, kind):
+    model = lm.make(kind)
+    ids = torch.randint(0, 97, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(ids, attention_mask=mask).logits
+        ref_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        model.set_attn_implementation("sdpa")
+        with apply_sparse_attention(model, SeerAttentionConfig(block_size=8, threshold=0.0)):
+            out = model(ids, attention_mask=mask).logits
+            single = model(ids[:1]).logits  # no padding: the block-sparse kernel path
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single, ref[:1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen, ref_gen)
+
+
+def test_distillation_lowers_the_loss_and_raises_block_recall(lm):
+    model = lm.make()
+    with torch.no_grad():  # sharper attention than random init gives, so blocks matter
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    ids = torch.randint(0, 97, (4, 128), generator=torch.Generator().manual_seed(0))
+    base = {n: p.clone() for n, p in model.named_parameters()}
+    apply_sparse_attention(model, SeerAttentionConfig(block_size=16))
+    before = block_recall(model, ids, topk=2)
+    losses = train_gates(model, ids, steps=60, lr=1e-2, warmup=5, batch_size=4, progress=False)
+    after = block_recall(model, ids, topk=2)
+    assert losses[-1] < losses[0] / 5
+    assert after > before + 0.03
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)  # only gates trained
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_gate_files_round_trip_and_removal(lm, tmp_path):
+    model = lm.make()
+    handle = apply_sparse_attention(model, SeerAttentionConfig(block_size=8))
+    path = save_gates(model, tmp_path / "gates.safetensors")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.attn_gate.mask_linear_k.weight.zero_()
+    load_gates(model, path)
+    assert model.model.layers[0].self_attn.attn_gate.mask_linear_k.weight.abs().sum() > 0
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(str(path))) == [f"model.layers.{i}.self_attn.attn_gate.mask_linear_k.weight" for i in range(3)]
+    with pytest.raises(FileNotFoundError, match="no gate file"):
+        load_gates(model, tmp_path / "missing.safetensors")
+    for config, word in ((SeerAttentionConfig(block_size=8, k_pooling=("max",)), "shape"),
+                         (SeerAttentionConfig(block_size=8, hidden=8), "no weights for")):
+        other = lm.make()
+        apply_sparse_attention(other, config)
+        with pytest.raises(ValueError, match=word):
+            load_gates(other, path)
+    handle.remove()
+    layer = model.model.layers[0].self_attn
+    assert not hasattr(layer, "attn_gate") and not layer.q_proj._forward_hooks and not layer.k_proj._forward_hooks
+    with pytest.raises(ValueError, match="no SeerAttention gates"):
+        save_gates(model, tmp_path / "again.safetensors")
+    for kwargs, field in ((dict(block_size=0), "block_size"), (dict(q_pooling=("sum",)), "q_pooling"),
+                          (dict(hidden=7), "hidden"), (dict(threshold=1.5), "threshold"), (dict(topk=0), "topk")):
+        with pytest.raises(ValueError, match=f"SeerAttentionConfig.{field}"):
+            SeerAttentionConfig(**kwargs)
+
+
+def _tiny_checkpoint(lm, folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]"] + [f"w{i}" for i in range(90)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    lm.make().save_pretrained(folder)
+    return words
+
+
+def test_lm_gates_command_trains_and_saves(lm, tmp_path, capsys):
+    words = _tiny_checkpoint(lm, tmp_path / "model")
+    text = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(words[1 + int(i)] for i in torch.randint(0, 90, (300,), generator=g)))
+    out = tmp_path / "gates.safetensors"
+    assert main(["train", "lm-gates", "--model", str(tmp_path / "model"), "--data", str(text), "--out", str(out),
+                 "--steps", "3", "--seq-len", "64", "--block-size", "16"]) == 0
+    assert "gates saved to" in capsys.readouterr().out
+    model = lm.make()
+    apply_sparse_attention(model, SeerAttentionConfig(block_size=16))
+    load_gates(model, out)
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        main(["train", "lm-gates", "--model", str(tmp_path / "model"), "--data", str(text), "--seq-len", "4096", "--steps", "1"])
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        main(["train", "lm-gates", "--model", str(tmp_path), "--data", str(text)])
