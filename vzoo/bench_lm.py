@@ -9,7 +9,7 @@ import torch
 
 from vzoo.bench import median_ms, step_peak_mb
 
-__all__ = ["LMRow", "format_lm", "lm_methods", "lm_rows", "longgen_density", "moba_density", "narrow_llama"]
+__all__ = ["LMRow", "format_lm", "lm_methods", "lm_rows", "longgen_density", "moba_density", "narrow_llama", "topk_block_density"]
 
 
 @dataclass
@@ -46,9 +46,14 @@ def longgen_density(n: int, sink: int, window: int) -> float:
     return seen / (n * (n + 1) / 2)
 
 
+def topk_block_density(blocks: int, topk: int) -> float:
+    """Share of the causal (query block, key block) pairs that ``topk`` blocks per row keep."""
+    return sum(min(topk, i + 1) for i in range(blocks)) / (blocks * (blocks + 1) / 2)
+
+
 def lm_methods(n: int, layers: int = 4) -> dict[str, tuple[object | None, float]]:
     """Benchmarked configurations: name -> (vzoo config or ``None`` for SDPA, density over the layers)."""
-    from vzoo.lm import LongGenConfig, MoBAConfig
+    from vzoo.lm import LongGenConfig, MoBAConfig, SeerAttentionConfig
 
     longgen = LongGenConfig(sink=64, window=2048)
     sparse = len(longgen.layer_ids(layers))
@@ -57,6 +62,8 @@ def lm_methods(n: int, layers: int = 4) -> dict[str, tuple[object | None, float]
         "moba (512, top-3)": (MoBAConfig(block_size=512, topk=3), moba_density(n, 512, 3)),
         "flashmoba-style (128, top-8, key conv 3)": (
             MoBAConfig(block_size=128, topk=8, key_conv=3), moba_density(n, 128, 8)),
+        "seerattention (top-32 of 64-token blocks)": (
+            SeerAttentionConfig(block_size=64, topk=32), topk_block_density(-(-n // 64), 32)),
         f"longgen ({sparse}/{layers} layers sink 64 + window 2048)": (
             longgen, (layers - sparse + sparse * longgen_density(n, 64, 2048)) / layers),
     }
