@@ -64,6 +64,18 @@ def check_layout(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) ->
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
 
 
+def check_key_mask(key_mask: torch.Tensor | None, k: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``key_mask`` is ``None`` or a bool ``[B, Skv]`` on ``k``'s device."""
+    if key_mask is None:
+        return
+    want = (k.shape[0], k.shape[2])
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or tuple(key_mask.shape) != want:
+        got = f"{key_mask.dtype} {tuple(key_mask.shape)}" if isinstance(key_mask, torch.Tensor) else type(key_mask).__name__
+        raise ValueError(f"key_mask must be a bool tensor {want} ([B, Skv]), got {got}")
+    if key_mask.device != k.device:
+        raise ValueError(f"key_mask is on {key_mask.device} but k is on {k.device}")
+
+
 def broadcast_heads(
     layout: BlockSparseLayout, token_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor
 ) -> tuple[BlockSparseLayout, torch.Tensor | None]:
@@ -90,11 +102,13 @@ def run_attention(
     reference_mask: Callable[[], torch.Tensor] | None = None,
     window: int = 0,
     sink: int = 0,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch a validated problem to a backend. ``token_mask [B, Hl, Sq, MAXK]`` (bool) switches
     individual slots of a query block's row off for single tokens; ``reference_mask`` builds the
     dense ``[B, Hl, Sq, Skv]`` mask the reference backend uses instead of the layout's; ``window``
-    and ``sink`` add the token rule of :func:`~vzoo.kernels.reference.visible_keys` (0: no window)."""
+    and ``sink`` add the token rule of :func:`~vzoo.kernels.reference.visible_keys` (0: no window);
+    ``key_mask [B, Skv]`` (bool) hides the keys it marks False."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=return_lse)
@@ -103,7 +117,10 @@ def run_attention(
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         return (out, lse) if return_lse else out
     if name == "reference":
-        allowed = layout_token_mask(layout, token_mask, causal, window, sink) if reference_mask is None else reference_mask()
+        if reference_mask is None:
+            allowed = layout_token_mask(layout, token_mask, causal, window, sink, key_mask)
+        else:
+            allowed = reference_mask() if key_mask is None else reference_mask() & key_mask[:, None, None, :]
         if allowed.shape[1] not in (1, q.shape[1]):
             allowed = allowed.repeat_interleave(q.shape[1] // allowed.shape[1], dim=1)
         out, lse = dense_attention(q, k, v, allowed, scale)
@@ -115,7 +132,8 @@ def run_attention(
         else:
             from .flex_backend import attend
         out, lse = attend(
-            q, k, v, layout, token_mask, causal=causal, scale=scale, need_lse=return_lse, window=window, sink=sink
+            q, k, v, layout, token_mask, causal=causal, scale=scale, need_lse=return_lse, window=window, sink=sink,
+            key_mask=key_mask,
         )
     return (out, lse) if return_lse else out
 
@@ -132,6 +150,7 @@ def block_sparse_attention(
     backend: str | None = None,
     window: int | None = None,
     sink: int = 0,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query block over the key blocks ``layout`` selects.
 
@@ -147,6 +166,7 @@ def block_sparse_attention(
         window: token-level sliding window inside the selected blocks: the query at position ``p``
             (bottom-right aligned) keeps keys ``j > p - window`` only (LongGen / StreamingLLM).
         sink: with ``window``, the first ``sink`` keys stay visible too (attention sinks).
+        key_mask: bool ``[B, Skv]``; keys marked False are hidden from every query (padding).
 
     Returns:
         ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse`` also ``lse [B, Hq, Sq]`` fp32,
@@ -160,7 +180,8 @@ def block_sparse_attention(
         raise ValueError(f"sink={sink!r} must be a non-negative int (tokens)")
     if sink and window is None:
         raise ValueError(f"sink={sink} only applies with a window")
+    check_key_mask(key_mask, k)
     return run_attention(
         q, k, v, layout, None, causal=causal, scale=scale, return_lse=return_lse, backend=backend,
-        window=window or 0, sink=sink,
+        window=window or 0, sink=sink, key_mask=key_mask,
     )

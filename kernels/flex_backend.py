@@ -37,6 +37,7 @@ def attend(
     need_lse: bool,
     window: int = 0,
     sink: int = 0,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention through FlexAttention (``layout`` with ``Hl`` in ``{1, Hkv, Hq}``)."""
     layout, token_mask = broadcast_heads(layout, token_mask, q, k)
@@ -61,9 +62,12 @@ def attend(
             keep = keep & (kv_idx <= q_idx + offset)
         if window:
             keep = keep & ((kv_idx > q_idx + offset - window) | (kv_idx < sink))
+        if key_mask is not None:
+            keep = keep & key_mask[b, kv_idx]
         return keep
 
-    block_mask = layout.to_flex_block_mask(mask_mod if chose is not None or causal or window else None)
+    ruled = chose is not None or causal or window or key_mask is not None
+    block_mask = layout.to_flex_block_mask(mask_mod if ruled else None)
     result = _compiled()(
         q, k, v, block_mask=block_mask, scale=scale, enable_gqa=hq != k.shape[1], return_lse=need_lse
     )

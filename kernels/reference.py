@@ -67,13 +67,16 @@ def layout_token_mask(
     causal: bool = False,
     window: int = 0,
     sink: int = 0,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-level bool mask ``[B, Hl, Sq, Skv]`` that ``layout`` (and optional per-slot ``token_mask``
-    ``[B, Hl, Sq, MAXK]``) selects, with the :func:`visible_keys` rule (causal, window, sink)."""
+    ``[B, Hl, Sq, MAXK]``) selects, with the :func:`visible_keys` rule (causal, window, sink) and
+    without the keys ``key_mask [B, Skv]`` marks False."""
     sq, skv = layout.q_len, layout.kv_len
     per_token = token_block_mask(layout, token_mask)
     b, h, _, nkb = per_token.shape
     bn = layout.block_n
     allowed = per_token[..., None].expand(b, h, sq, nkb, bn).reshape(b, h, sq, nkb * bn)[..., :skv]
     rule = visible_keys(sq, skv, causal, window, sink, layout.device)
-    return allowed if rule is None else allowed & rule
+    allowed = allowed if rule is None else allowed & rule
+    return allowed if key_mask is None else allowed & key_mask[:, None, None, :]

@@ -48,6 +48,7 @@ class _Plan:
     causal: bool
     window: int  # 0: none
     sink: int
+    key_ok: torch.Tensor | None  # bool [U, 1, K, block_n]: keys the key mask keeps
 
     @property
     def units(self) -> int:
@@ -55,7 +56,8 @@ class _Plan:
 
 
 def _plan(
-    q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mask, causal: bool, scale: float, window: int, sink: int
+    q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mask, causal: bool, scale: float, window: int,
+    sink: int, key_mask: torch.Tensor | None,
 ) -> _Plan:
     b, hq, sq, _ = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -101,7 +103,11 @@ def _plan(
     dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
     chunk = max(1, _CHUNK_ELEMS // max(1, rows * maxk * bn))
-    return _Plan(layout, group, flat_blocks, slot_on, key_pos, row_pos, dead, chunk, scale, causal, window, sink)
+    key_ok = None
+    if key_mask is not None:  # gathered like the key blocks: [B * Hkv * NKB, block_n] -> [U, 1, K, block_n]
+        table = F.pad(key_mask, (0, nkb * bn - skv)).view(b, 1, nkb, bn).expand(b, hkv, nkb, bn).reshape(-1, bn)
+        key_ok = table.index_select(0, flat_blocks).view(-1, 1, maxk, bn)
+    return _Plan(layout, group, flat_blocks, slot_on, key_pos, row_pos, dead, chunk, scale, causal, window, sink, key_ok)
 
 
 def _to_units(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -156,12 +162,22 @@ def _probs(
         if plan.window > 0:
             hidden = hidden | ((kp <= plan.row_pos[s] - plan.window) & (kp >= plan.sink))
         blocked.masked_fill_(hidden, float("-inf"))
-    peak = out.amax(-1) if want_lse else None
+    empty = None
+    if plan.key_ok is not None:  # masked keys can empty a row the block-level check kept
+        blocked.masked_fill_(~plan.key_ok[s], float("-inf"))
+    peak = out.amax(-1) if want_lse or plan.key_ok is not None else None
+    if plan.key_ok is not None:
+        empty = torch.isneginf(peak)
     torch.ops.aten._softmax.out(out, -1, False, out=out)
     if plan.dead is not None:
         out.masked_fill_(plan.dead[s, :, None], 0.0)
+    if empty is not None:
+        out.masked_fill_(empty[..., None], 0.0)
     # max(p) = exp(max(score) - lse): the log-sum-exp without another pass over exp(scores).
-    return peak - torch.log(out.amax(-1)) if want_lse else None
+    if not want_lse:
+        return None
+    lse = peak - torch.log(out.amax(-1))
+    return lse if empty is None else lse.masked_fill(empty, float("-inf"))
 
 
 def _chunks(plan: _Plan, kb: torch.Tensor, vb: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -262,10 +278,11 @@ def _dense_is_faster(q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout
 
 
 def _dense_masked(
-    q, k, v, layout: BlockSparseLayout, token_mask, causal: bool, scale: float, window: int, sink: int
+    q, k, v, layout: BlockSparseLayout, token_mask, causal: bool, scale: float, window: int, sink: int,
+    key_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """SDPA over all keys with the layout's token mask ``[B|1, 1|Hq, Sq, Skv]``; empty rows give zeros."""
-    mask = layout_token_mask(layout, token_mask, causal, window, sink)
+    mask = layout_token_mask(layout, token_mask, causal, window, sink, key_mask)
     if mask.shape[1] not in (1, q.shape[1]):
         mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
     dead = ~mask.any(-1, keepdim=True)  # [B, H, Sq, 1]
@@ -289,18 +306,19 @@ def attend(
     need_lse: bool,
     window: int = 0,
     sink: int = 0,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention; ``layout`` with ``Hl`` in ``{1, Hkv, Hq}``; ``window``/``sink`` as in
-    :func:`~vzoo.kernels.reference.visible_keys`.
+    :func:`~vzoo.kernels.reference.visible_keys`; ``key_mask [B, Skv]`` hides keys.
 
     Returns ``out [B, Hq, Sq, D]`` (``q.dtype``) and ``lse [B, Hq, Sq]`` fp32 when ``need_lse``. Uses
     dense SDPA with the token mask instead when the cost model says it is faster (never for lse).
     """
     if not need_lse and _dense_is_faster(q, k, layout):
-        return _dense_masked(q, k, v, layout, token_mask, causal, scale, window, sink), None
+        return _dense_masked(q, k, v, layout, token_mask, causal, scale, window, sink, key_mask), None
     layout, token_mask = broadcast_heads(layout, token_mask, q, k)
     if layout.max_blocks == 0:  # every row is empty: give the rows one unused slot
         pad = layout.kv_indices.new_full((*layout.kv_indices.shape[:3], 1), -1)
         layout = BlockSparseLayout(layout.kv_num_blocks, pad, layout.block_m, layout.block_n, layout.q_len, layout.kv_len)
-    plan = _plan(q, k, layout, token_mask, causal, scale, window, sink)
+    plan = _plan(q, k, layout, token_mask, causal, scale, window, sink, key_mask)
     return _BlockSparse.apply(q, k, v, plan, need_lse)

@@ -83,15 +83,15 @@ def _store_rows(O, LSE, acc, m_i, l_i, bh_row, row_ok, d, d_ok, HEAD_D):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KV_NUM, KV_IDX, TOK,
+    Q, K, V, O, LSE, KV_NUM, KV_IDX, TOK, KMASK,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
-    s_tb, s_th, s_tm, s_ts,
+    s_tb, s_th, s_tm, s_ts, s_km,
     H, HU, GROUP, HU_DIV, SQ, SKV, HEAD_D, NQB, MAXK,
     block_m, block_n, n_sub_n, causal_shift, window, sink, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_SUB_M: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(NQB * N_SUB_M, B * H)``: one query tile of one head over its row's key blocks."""
     pid_m = tl.program_id(0)
@@ -141,6 +141,9 @@ def _fwd_kernel(
                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                     allowed = _visible(use[:, None] & col_ok[None, :], rows[:, None], cols[None, :],
                                        causal_shift, window, sink, CAUSAL, WINDOW)
+                    if HAS_KEY_MASK:
+                        kept = tl.load(KMASK + b * s_km + cols, mask=col_ok, other=0)
+                        allowed = allowed & (kept != 0)[None, :]
                     s = tl.where(allowed, _dot(q, kt, UPCAST, PREC) * qk_scale, float("-inf"))
                     m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, PREC)
 
@@ -171,16 +174,16 @@ def _delta_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, Q_SLOT, TOK,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_NUM, Q_IDX, Q_SLOT, TOK, KMASK,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od,
-    s_tb, s_th, s_tm, s_ts,
+    s_tb, s_th, s_tm, s_ts, s_km,
     H, HKV, HU, GROUP, HU_DIV, SQ, SKV, HEAD_D, NKB, NQB,
     block_m, block_n, n_sub_m, causal_shift, window, sink, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_SUB_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(NKB * N_SUB_N, B * HKV)``: one key tile, summed over the ``GROUP`` query heads sharing it
     and, for each, over the query blocks of its column list (``Q_NUM``/``Q_IDX``, width ``NQB``)."""
@@ -237,6 +240,9 @@ def _dkdv_kernel(
                             use = use & (tok != 0)
                         allowed = _visible(col_ok[:, None] & use[None, :], rows[None, :], cols[:, None],
                                            causal_shift, window, sink, CAUSAL, WINDOW)
+                        if HAS_KEY_MASK:
+                            kept = tl.load(KMASK + b * s_km + cols, mask=col_ok, other=0)
+                            allowed = allowed & (kept != 0)[:, None]
                         st = _dot(k, tl.trans(q), UPCAST, PREC) * qk_scale
                         pt = tl.where(allowed, tl.exp2(st - lse[None, :]), 0.0)
                         dv += _dot(pt.to(do.dtype), do, UPCAST, PREC)
@@ -251,16 +257,16 @@ def _dkdv_kernel(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, TOK,
+    Q, K, V, DO, LSE, DELTA, DQ, KV_NUM, KV_IDX, TOK, KMASK,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_ob, s_oh, s_om, s_od,
-    s_tb, s_th, s_tm, s_ts,
+    s_tb, s_th, s_tm, s_ts, s_km,
     H, HU, GROUP, HU_DIV, SQ, SKV, HEAD_D, NQB, MAXK,
     block_m, block_n, n_sub_n, causal_shift, window, sink, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, N_SUB_M: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(NQB * N_SUB_M, B * H)``: dQ of one query tile over its row's key blocks."""
     pid_m = tl.program_id(0)
@@ -312,6 +318,9 @@ def _dq_kernel(
                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
                     allowed = _visible(use[:, None] & col_ok[None, :], rows[:, None], cols[None, :],
                                        causal_shift, window, sink, CAUSAL, WINDOW)
+                    if HAS_KEY_MASK:
+                        kept = tl.load(KMASK + b * s_km + cols, mask=col_ok, other=0)
+                        allowed = allowed & (kept != 0)[None, :]
                     s = _dot(q, kt, UPCAST, PREC) * qk_scale
                     p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
                     dp = _dot(do, vt, UPCAST, PREC)
@@ -350,6 +359,14 @@ def _token_args(token_mask: Tensor | None, fallback: Tensor) -> tuple[Tensor, tu
     return token_mask.view(torch.uint8), tuple(token_mask.stride())
 
 
+def _key_args(key_mask: Tensor | None, fallback: Tensor) -> tuple[Tensor, int]:
+    """The key mask as bytes with its batch stride, or a dummy pointer."""
+    if key_mask is None:
+        return fallback, 0
+    key_mask = key_mask.contiguous()
+    return key_mask.view(torch.uint8), key_mask.stride(0)
+
+
 def _column_lists(kv_num_blocks: Tensor, kv_indices: Tensor, nkb: int) -> tuple[Tensor, Tensor, Tensor]:
     """Transpose row lists ``[B, Hu, NQB(, MAXK)]`` into column lists with static shapes.
 
@@ -383,6 +400,7 @@ def _fwd_impl(
     causal: bool,
     window: int,
     sink: int,
+    key_mask: Tensor | None,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
     bsz, hq, sq, dim = q.shape
@@ -396,14 +414,16 @@ def _fwd_impl(
     hu, nqb, maxk = kv_idx.shape[1:]
     block_mt, n_sub_m, block_nt, n_sub_n, block_d = _tiles(block_m, block_n, dim, q.element_size())
     tok, tok_strides = _token_args(token_mask, kv_num)
+    kmask, km_stride = _key_args(key_mask, kv_num)
     grid = (nqb * n_sub_m, bsz * hq)
     torch.library.wrap_triton(_fwd_kernel)[grid](
-        q, k, v, out, lse, kv_num, kv_idx, tok,
-        *q.stride(), *k.stride(), *v.stride(), *tok_strides,
+        q, k, v, out, lse, kv_num, kv_idx, tok, kmask,
+        *q.stride(), *k.stride(), *v.stride(), *tok_strides, km_stride,
         hq, hu, hq // hkv, hq // hu, sq, skv, dim, nqb, maxk,
         block_m, block_n, n_sub_n, skv - sq, window, sink, scale * _LOG2E,
         BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=block_d, N_SUB_M=n_sub_m,
-        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, **_flags(q), num_warps=4,
+        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, HAS_KEY_MASK=key_mask is not None,
+        **_flags(q), num_warps=4,
     )
     return out, lse
 
@@ -424,6 +444,7 @@ def _bwd_impl(
     causal: bool,
     window: int,
     sink: int,
+    key_mask: Tensor | None,
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     bsz, hq, sq, dim = q.shape
@@ -439,6 +460,7 @@ def _bwd_impl(
     nkb = triton.cdiv(skv, block_n)
     block_mt, n_sub_m, block_nt, n_sub_n, block_d = _tiles(block_m, block_n, dim, q.element_size())
     tok, tok_strides = _token_args(token_mask, kv_num)
+    kmask, km_stride = _key_args(key_mask, kv_num)
     lse = lse.contiguous()
     flags = _flags(q)
 
@@ -449,20 +471,22 @@ def _bwd_impl(
     )
     q_num, q_idx, q_slot = _column_lists(kv_num, kv_idx, nkb)
     torch.library.wrap_triton(_dkdv_kernel)[(nkb * n_sub_n, bsz * hkv)](
-        q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, q_slot, tok,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tok_strides,
+        q, k, v, dout, lse, delta, dk, dv, q_num, q_idx, q_slot, tok, kmask,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tok_strides, km_stride,
         hq, hkv, hu, hq // hkv, hq // hu, sq, skv, dim, nkb, nqb,
         block_m, block_n, n_sub_m, skv - sq, window, sink, scale * _LOG2E, scale,
         BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=block_d, N_SUB_N=n_sub_n,
-        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, **flags, num_warps=4,
+        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, HAS_KEY_MASK=key_mask is not None,
+        **flags, num_warps=4,
     )
     torch.library.wrap_triton(_dq_kernel)[(nqb * n_sub_m, bsz * hq)](
-        q, k, v, dout, lse, delta, dq, kv_num, kv_idx, tok,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tok_strides,
+        q, k, v, dout, lse, delta, dq, kv_num, kv_idx, tok, kmask,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *tok_strides, km_stride,
         hq, hu, hq // hkv, hq // hu, sq, skv, dim, nqb, maxk,
         block_m, block_n, n_sub_n, skv - sq, window, sink, scale * _LOG2E, scale,
         BLOCK_M=block_mt, BLOCK_N=block_nt, BLOCK_D=block_d, N_SUB_M=n_sub_m,
-        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, **flags, num_warps=4,
+        CAUSAL=causal, WINDOW=window > 0, HAS_TOKEN_MASK=token_mask is not None, HAS_KEY_MASK=key_mask is not None,
+        **flags, num_warps=4,
     )
     return dq, dk, dv
 
@@ -476,19 +500,20 @@ def _bwd_fake(dout: Tensor, dlse: Tensor, q: Tensor, k: Tensor, v: Tensor, *_) -
 
 
 def _setup_context(ctx, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    q, k, v, kv_num_blocks, kv_indices, token_mask, block_m, block_n, causal, window, sink, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, kv_num_blocks, kv_indices, token_mask)
-    ctx.meta = (block_m, block_n, causal, window, sink, scale)
+    q, k, v, kv_num_blocks, kv_indices, token_mask, block_m, block_n, causal, window, sink, key_mask, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_num_blocks, kv_indices, token_mask, key_mask)
+    ctx.meta = (block_m, block_n, causal, window, sink)
+    ctx.scale = scale
 
 
 def _backward(ctx, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
-    q, k, v, out, lse, kv_num_blocks, kv_indices, token_mask = ctx.saved_tensors
+    q, k, v, out, lse, kv_num_blocks, kv_indices, token_mask, key_mask = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dlse = torch.zeros_like(lse) if dlse is None else dlse
     dq, dk, dv = torch.ops.vzoo.block_sparse_bwd(
-        dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, token_mask, *ctx.meta
+        dout, dlse, q, k, v, out, lse, kv_num_blocks, kv_indices, token_mask, *ctx.meta, key_mask, ctx.scale
     )
-    return dq, dk, dv, *([None] * 9)
+    return dq, dk, dv, *([None] * 10)
 
 
 register_pair("block_sparse", _fwd_impl, _bwd_impl, _fwd_fake, _bwd_fake, _backward, _setup_context)
@@ -506,6 +531,7 @@ def attend(
     need_lse: bool,
     window: int = 0,
     sink: int = 0,
+    key_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Block-sparse attention with the Triton kernels; differentiable in ``q, k, v`` (and through lse).
 
@@ -531,6 +557,6 @@ def attend(
         )
     out, lse = torch.ops.vzoo.block_sparse_fwd(
         q, k, v, layout.kv_num_blocks, layout.kv_indices, token_mask,
-        layout.block_m, layout.block_n, bool(causal), int(window), int(sink), float(scale),
+        layout.block_m, layout.block_n, bool(causal), int(window), int(sink), key_mask, float(scale),
     )
     return out, (lse if need_lse else None)

@@ -9,7 +9,8 @@ import torch
 
 from vzoo.bench import median_ms, step_peak_mb
 
-__all__ = ["LMRow", "format_lm", "lm_methods", "lm_rows", "longgen_density", "moba_density", "narrow_llama", "topk_block_density"]
+__all__ = ["LMRow", "format_lm", "lm_methods", "lm_rows", "longgen_density", "moba_density", "narrow_llama", "topk_block_density",
+           "blockrank_density"]
 
 
 @dataclass
@@ -51,9 +52,17 @@ def topk_block_density(blocks: int, topk: int) -> float:
     return sum(min(topk, i + 1) for i in range(blocks)) / (blocks * (blocks + 1) / 2)
 
 
+def blockrank_density(segments: int, length: int) -> float:
+    """Attended share of the causal pairs under BlockRank's segment pattern (no padding)."""
+    own = length * (length + 1) / 2
+    seen = segments * own + (segments - 2) * length * length + (segments - 1) * length * length
+    n = segments * length
+    return seen / (n * (n + 1) / 2)
+
+
 def lm_methods(n: int, layers: int = 4) -> dict[str, tuple[object | None, float]]:
     """Benchmarked configurations: name -> (vzoo config or ``None`` for SDPA, density over the layers)."""
-    from vzoo.lm import LongGenConfig, MoBAConfig, SeerAttentionConfig
+    from vzoo.lm import BlockRankConfig, LongGenConfig, MoBAConfig, SeerAttentionConfig
 
     longgen = LongGenConfig(sink=64, window=2048)
     sparse = len(longgen.layer_ids(layers))
@@ -64,6 +73,7 @@ def lm_methods(n: int, layers: int = 4) -> dict[str, tuple[object | None, float]
             MoBAConfig(block_size=128, topk=8, key_conv=3), moba_density(n, 128, 8)),
         "seerattention (top-32 of 64-token blocks)": (
             SeerAttentionConfig(block_size=64, topk=32), topk_block_density(-(-n // 64), 32)),
+        f"blockrank ({n // 128 - 2} docs x 128 tokens)": (BlockRankConfig(block_length=128), blockrank_density(n // 128, 128)),
         f"longgen ({sparse}/{layers} layers sink 64 + window 2048)": (
             longgen, (layers - sparse + sparse * longgen_density(n, 64, 2048)) / layers),
     }

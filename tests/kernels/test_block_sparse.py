@@ -104,6 +104,38 @@ def test_window_and_sink_match_oracle(oracle, triton_device, backend, causal, ca
         assert (g[fin].double() - w[fin]).abs().max() < 1e-4, name
 
 
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["ragged", "gqa_shared", "one_layout_head"])
+def test_key_mask_matches_oracle(oracle, triton_device, monkeypatch, backend, causal, case):
+    import vzoo.kernels.torch_backend as tb
+
+    monkeypatch.setattr(tb, "_dense_is_faster", lambda *a: False)  # the gather path (the dense one has its own test)
+    q, k, v, layout = make_problem(CASES[case])
+    g = torch.Generator().manual_seed(5)
+    keep = torch.rand(k.shape[0], k.shape[2], generator=g) > 0.4
+    keep[:, :20] = False  # left padding: early causal rows see no key at all
+    dev = triton_device if backend == "triton" else "cpu"
+    got = run_with_grads(
+        lambda q, k, v: vk.block_sparse_attention(
+            q, k, v, layout.to(dev), causal=causal, return_lse=True, backend=backend, key_mask=keep.to(dev)
+        ),
+        q.to(dev), k.to(dev), v.to(dev),
+    )
+    allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n,
+                          layout.q_len, layout.kv_len, causal) & keep[:, None, None, :]
+    want = run_with_grads(lambda q, k, v: oracle.attention(q, k, v, allowed), q.double(), k.double(), v.double())
+    for name, w, g in zip(("out", "lse", "dq", "dk", "dv"), want, [t.detach().cpu() for t in got]):
+        assert torch.equal(torch.isinf(g), torch.isinf(w)), name
+        fin = ~torch.isinf(w)
+        assert torch.isfinite(g).all() or name == "lse", name
+        assert (g[fin].double() - w[fin]).abs().max() < 1e-4, name
+    dense = vk.block_sparse_attention(q, k, v, layout, causal=causal, key_mask=keep, backend="torch")
+    monkeypatch.undo()
+    monkeypatch.setattr(tb, "_dense_is_faster", lambda *a: True)
+    torch.testing.assert_close(vk.block_sparse_attention(q, k, v, layout, causal=causal, key_mask=keep, backend="torch"), dense)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_backend_half_precision(oracle, dtype):
     q, k, v, layout = make_problem(CASES["gqa_shared"], dtype)
@@ -189,6 +221,10 @@ def test_flex_backend_forward_matches_oracle(oracle):
         want = oracle_run(oracle, q, k, v, layout, causal)[0]
         assert (got.double() - want).abs().max() < 1e-4
     q, k, v, layout = make_problem(CASES["ragged"])
+    keep = torch.rand(2, 77, generator=torch.Generator().manual_seed(1)) > 0.3
+    got = vk.block_sparse_attention(q, k, v, layout, causal=False, backend="flex", key_mask=keep)
+    allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, 16, 32, 100, 77, False) & keep[:, None, None, :]
+    assert (got.double() - oracle.attention(q.double(), k.double(), v.double(), allowed)[0]).abs().max() < 1e-4
     got = vk.block_sparse_attention(q, k, v, layout, causal=True, backend="flex", window=20, sink=4)
     allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, 16, 32, 100, 77, False) & window_rule(100, 77, True, 20, 4)
     assert (got.double() - oracle.attention(q.double(), k.double(), v.double(), allowed)[0]).abs().max() < 1e-4
@@ -221,7 +257,9 @@ def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="layout has 3 heads"):
         three = BlockSparseLayout.from_block_mask(torch.ones(1, 3, 4, 4, dtype=torch.bool), 16, 16, 64, 64)
         vk.block_sparse_attention(q, k, v, three)
-    for kwargs, word in ((dict(window=0), "window=0"), (dict(window=8, sink=-1), "sink=-1"), (dict(sink=4), "only applies")):
+    for kwargs, word in ((dict(window=0), "window=0"), (dict(window=8, sink=-1), "sink=-1"), (dict(sink=4), "only applies"),
+                         (dict(key_mask=torch.ones(1, 63, dtype=torch.bool)), "key_mask must be a bool tensor"),
+                         (dict(key_mask=torch.ones(1, 64)), "key_mask must be a bool tensor")):
         with pytest.raises(ValueError, match=word):
             vk.block_sparse_attention(q, k, v, layout, **kwargs)
 

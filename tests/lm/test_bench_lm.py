@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vzoo.bench_lm import format_lm, lm_rows, longgen_density, moba_density, topk_block_density
+from vzoo.bench_lm import blockrank_density, format_lm, lm_rows, longgen_density, moba_density, topk_block_density
 
 
 def test_densities_count_the_attended_causal_pairs():
@@ -15,13 +15,18 @@ def test_densities_count_the_attended_causal_pairs():
     sw = sum(sum(1 for j in range(i + 1) if j < sink or j > i - window) for i in range(n))
     assert abs(longgen_density(n, sink, window) - sw / causal) < 1e-12
     assert topk_block_density(10, 3) == sum(min(3, i + 1) for i in range(10)) / 55
+    m, h = 5, 4
+    pairs = sum(1 for i in range(m * h) for j in range(i + 1)
+                if i // h == j // h or j // h == 0 or i // h == m - 1)
+    assert abs(blockrank_density(m, h) - pairs / (m * h * (m * h + 1) / 2)) < 1e-12
 
 
 def test_rows_on_a_short_prompt():
     rows = lm_rows([1024], repeats=1)
-    assert [r.method.split()[0] for r in rows] == ["sdpa", "moba", "flashmoba-style", "seerattention", "longgen"]
+    assert [r.method.split()[0] for r in rows] == ["sdpa", "moba", "flashmoba-style", "seerattention", "blockrank", "longgen"]
     full_kv = 4 * 2 * 1024 * 256 * 4 / 2**20  # 4 layers, K and V, 1024 tokens, 4 x 64 fp32
     assert rows[0].kv_mb == full_kv and rows[0].speedup == 1.0
-    assert rows[4].kv_mb == full_kv  # 1024 tokens fit in sink + window: nothing evicted
-    assert all(r.ms > 0 and r.peak_mb >= 0 and 0 < r.density <= 1 for r in rows)
+    assert rows[5].kv_mb == full_kv  # 1024 tokens fit in sink + window: nothing evicted
+    for r in rows:
+        assert r.ms > 0 and r.peak_mb >= 0 and 0 < r.density <= 1 + 1e-12, r
     assert "longgen" in format_lm(rows) and torch.isfinite(torch.tensor([r.speedup for r in rows])).all()

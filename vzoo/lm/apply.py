@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from .blockrank import BlockRankConfig, attach_scoring, blockrank_attention, key_validity_mask
 from .longgen import LongGenConfig, attach_eviction, longgen_attention
 from .moba import MoBAConfig, attach_key_conv, moba_attention
 from .seer import SeerAttentionConfig, attach_gate, seer_attention
@@ -19,12 +20,14 @@ class _Method:
     name: str  # the attn_implementation name
     attention: Callable  # (config, query, key, value, attention_mask, scale, module, **kwargs) -> [B, H, q, D]
     attach: Callable | None = None  # (model, attention module, config) -> something with .remove(), or None
+    mask: str = "sdpa"  # the mask function: "sdpa" (transformers' sdpa_mask) or "keys" (2-D key validity)
 
 
 _METHODS = {
     MoBAConfig: _Method("vzoo_moba", moba_attention, attach_key_conv),
     LongGenConfig: _Method("vzoo_longgen", longgen_attention, attach_eviction),
     SeerAttentionConfig: _Method("vzoo_seer", seer_attention, attach_gate),
+    BlockRankConfig: _Method("vzoo_blockrank", blockrank_attention, attach_scoring, mask="keys"),
 }
 
 
@@ -54,7 +57,7 @@ def register_methods() -> None:
 
     for method in _METHODS.values():
         AttentionInterface.register(method.name, _interface_function(method))
-        AttentionMaskInterface.register(method.name, sdpa_mask)
+        AttentionMaskInterface.register(method.name, sdpa_mask if method.mask == "sdpa" else key_validity_mask)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -88,7 +91,9 @@ class SparseAttentionHandle:
         self.remove()
 
 
-def apply_sparse_attention(model: nn.Module, config: MoBAConfig | LongGenConfig | SeerAttentionConfig) -> SparseAttentionHandle:
+def apply_sparse_attention(
+    model: nn.Module, config: MoBAConfig | LongGenConfig | SeerAttentionConfig | BlockRankConfig
+) -> SparseAttentionHandle:
     """Switch a transformers causal LM to a vzoo method on the layers ``config.layer_ids`` names."""
     if type(config) not in _METHODS:
         raise ValueError(f"config must be one of {[c.__name__ for c in _METHODS]}, got {type(config).__name__}")
