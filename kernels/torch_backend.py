@@ -21,7 +21,7 @@ from .block_sparse import broadcast_heads
 from .layout import BlockSparseLayout
 from .reference import layout_token_mask
 
-__all__ = ["attend"]
+__all__ = ["attend", "masked_sdpa"]
 
 # Target number of fp32 score elements per chunk (4 MiB): large enough for efficient matmuls,
 # small enough that the chunk's scores stay in cache between matmul, softmax and matmul.
@@ -285,6 +285,12 @@ def _dense_masked(
     mask = layout_token_mask(layout, token_mask, causal, window, sink, key_mask)
     if mask.shape[1] not in (1, q.shape[1]):
         mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
+    return masked_sdpa(q, k, v, mask, scale)
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fused SDPA with a bool ``mask`` broadcastable to ``[B, Hq, Sq, Skv]`` (GQA allowed); rows that see
+    no key give zeros instead of NaN."""
     dead = ~mask.any(-1, keepdim=True)  # [B, H, Sq, 1]
     has_dead = bool(dead.any())
     if has_dead:  # give empty rows one key so SDPA stays finite, then zero them

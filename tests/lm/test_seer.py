@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vzoo.cli import main
-from vzoo.lm import SeerAttentionConfig, apply_sparse_attention, block_recall, load_gates, save_gates, seer_distill_loss
+from vzoo.lm import SeerAttentionConfig, apply_sparse_attention, block_recall, load_gates, save_gates
 from vzoo.lm.seer import seer_attention
 from vzoo.lm.train_gates import train_gates
 

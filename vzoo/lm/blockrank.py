@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 from vzoo.kernels.reference import visible_keys
+from vzoo.kernels.torch_backend import masked_sdpa
 from vzoo.registry import Method, register_method
 
 __all__ = [
@@ -139,12 +139,12 @@ def pack_prompt(tokenizer, instruction: str, documents: list[str], query: str, b
 
 
 def blockrank_layout(num_segments: int, block_length: int, device=None) -> BlockSparseLayout:
-    """Segment-level layout: the instruction sees itself, document ``i`` the instruction and itself,
-    the query every segment (token causality comes from the kernel's causal rule)."""
-    m = num_segments
+    """Segment-level layout of the instruction and document segments (the query segment, which sees
+    everything, is left out): the instruction sees itself, document ``i`` the instruction and itself;
+    token causality comes from the kernel's causal rule."""
+    m = num_segments - 1
     mask = torch.eye(m, dtype=torch.bool, device=device)
     mask[:, 0] = True
-    mask[-1] = True
     n = m * block_length
     return BlockSparseLayout.from_block_mask(mask[None, None], block_length, block_length, n, n)
 
@@ -166,21 +166,28 @@ def blockrank_attention(
 ) -> torch.Tensor:
     """BlockRank attention over ``query [B, H, q, D]`` and ``key, value [B, Hkv, kv, D]``;
     ``attention_mask`` is the key validity ``[B, kv]`` from :func:`key_validity_mask` (or ``None``).
-    A prompt (``q == kv``) uses the segment layout; later tokens (decoding) see every valid key.
-    At the scoring layer, stores :func:`document_scores` on ``module.blockrank_scores``."""
+    For a prompt (``q == kv``) the instruction and document segments run on the block-sparse kernel
+    with :func:`blockrank_layout` and the query segment, which sees every valid key before it, on
+    SDPA; later tokens (decoding) see every valid key too. At a scoring layer, stores
+    :func:`document_scores` on ``module.blockrank_scores``."""
     sq, skv = query.shape[2], key.shape[2]
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"BlockRank expects a [B, kv] key mask from its mask function, got {tuple(attention_mask.shape)}")
-    if sq != skv:  # decoding after the prompt: causal over every valid key
-        allowed = visible_keys(sq, skv, True, device=query.device)[None, None]
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, :]
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
     h = config.block_length
-    if skv % h:
+    if sq == skv and skv % h:
         raise ValueError(f"BlockRank: {skv} tokens are not whole segments of block_length={h}; pack the prompt with pack_prompt")
+    tail = h if sq == skv else sq  # the rows that see every valid key before them
+    allowed = visible_keys(tail, skv, True, device=query.device)[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :]
+    out = masked_sdpa(query[:, :, sq - tail :], key, value, allowed, scale)
+    if sq != skv:
+        return out
+    n = skv - h
+    head_mask = None if attention_mask is None else attention_mask[:, :n]
     layout = blockrank_layout(skv // h, h, query.device)
-    out = block_sparse_attention(query, key, value, layout, causal=True, scale=scale, key_mask=attention_mask)
+    head = block_sparse_attention(query[:, :, :n], key[:, :, :n], value[:, :, :n], layout, causal=True, scale=scale, key_mask=head_mask)
+    out = torch.cat([head, out], 2)
     if module is not None and getattr(module, "blockrank_scoring", False):
         module.blockrank_scores = document_scores(query, key, attention_mask, scale, h, config.score_tokens)
     return out

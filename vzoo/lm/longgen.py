@@ -141,7 +141,7 @@ class SinkWindowLayer(DynamicLayer):
             self.keys, self.values = keys.index_select(-2, keep), values.index_select(-2, keep)
         return keys, values
 
-    def get_seq_length(self, *args) -> int:
+    def get_seq_length(self) -> int:
         return self.seen
 
     def reset(self) -> None:

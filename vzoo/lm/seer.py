@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 from vzoo.kernels import attention_block_max
 from vzoo.kernels.reference import visible_keys
+from vzoo.kernels.torch_backend import masked_sdpa
 from vzoo.registry import Method, register_method
 
 __all__ = [
@@ -239,10 +240,7 @@ def seer_attention(
     prefill = sq == skv and sq > 1 and pending is not None
     if module.training or not prefill:  # dense: distillation, decoding, chunked prefill
         allowed = visible_keys(sq, skv, True, device=query.device)
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=allowed if mask is None else allowed & mask, scale=scale,
-            enable_gqa=query.shape[1] != key.shape[1],
-        )
+        out = masked_sdpa(query, key, value, allowed if mask is None else allowed & mask, scale)
         if module.training and prefill:
             gate.loss = _distill_loss(gate, pending, query, key, mask, position_ids, scale)
         return out
@@ -253,10 +251,7 @@ def seer_attention(
         layout = BlockSparseLayout.from_block_mask(chosen, gate.block, gate.block, sq, skv)
         return block_sparse_attention(query, key, value, layout, causal=True, scale=scale)
     tokens = chosen.repeat_interleave(gate.block, 2).repeat_interleave(gate.block, 3)[:, :, :sq, :skv]
-    allowed = tokens & visible_keys(sq, skv, True, device=query.device) & mask
-    dead = ~allowed.any(-1, keepdim=True)  # fully padded query rows: give them their own key
-    allowed = allowed | (dead & torch.eye(sq, skv, dtype=torch.bool, device=query.device))
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    return masked_sdpa(query, key, value, tokens & visible_keys(sq, skv, True, device=query.device) & mask, scale)
 
 
 def _positions(position_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
