@@ -29,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .neighborhood import neighborhood_window_start
-from .triton_ops import INTERPRET, register_pair
+from .triton_ops import register_pair
 
 __all__ = ["aggregate"]
 

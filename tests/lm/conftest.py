@@ -23,9 +23,32 @@ def cache_of(output):
     return cache if cache is not None else output.past_key_values
 
 
+def assert_equals_eager(model: torch.nn.Module, config) -> None:
+    """With ``config`` applied, a left-padded batch gives eager attention's logits on its tokens and its
+    greedy generation, and an unpadded row (the methods' kernel paths) its logits."""
+    from vzoo.lm import apply_sparse_attention
+
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(ids, attention_mask=mask).logits
+        ref_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        model.set_attn_implementation("sdpa")
+        with apply_sparse_attention(model, config):
+            out = model(ids, attention_mask=mask).logits
+            single = model(ids[:1]).logits
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(single, ref[:1], atol=1e-5, rtol=1e-5)
+    assert torch.equal(gen, ref_gen)
+
+
 class LM:
     make = staticmethod(make_lm)
     cache_of = staticmethod(cache_of)
+    assert_equals_eager = staticmethod(assert_equals_eager)
 
 
 @pytest.fixture

@@ -60,23 +60,8 @@ def test_default_full_layers_are_the_middle_third():
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("pattern", ["sink_window", "local_stride"])
 def test_covering_pattern_equals_eager_with_left_padding_and_generate(lm, kind, pattern):
-    model = lm.make(kind)
-    ids = torch.randint(0, 97, (2, 40))
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[1, :7] = 0
     config = LongGenConfig(pattern=pattern, sink=0, window=64, block_size=8, full_layers=(1,))
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        ref = model(ids, attention_mask=mask).logits
-        ref_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        model.set_attn_implementation("sdpa")
-        with apply_sparse_attention(model, config):
-            out = model(ids, attention_mask=mask).logits
-            single = model(ids[:1]).logits  # no padding: the block-sparse kernel path
-            gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(single, ref[:1], atol=1e-5, rtol=1e-5)
-    assert torch.equal(gen, ref_gen)
+    lm.assert_equals_eager(lm.make(kind), config)
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -96,22 +96,7 @@ def test_inference_attends_exactly_the_selected_blocks(lm, selection):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_every_block_kept_equals_eager_with_left_padding_and_generate(lm, kind):
-    model = lm.make(kind)
-    ids = torch.randint(0, 97, (2, 40))
-    mask = torch.ones(2, 40, dtype=torch.long)
-    mask[1, :7] = 0
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        ref = model(ids, attention_mask=mask).logits
-        ref_gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        model.set_attn_implementation("sdpa")
-        with apply_sparse_attention(model, SeerAttentionConfig(block_size=8, threshold=0.0)):
-            out = model(ids, attention_mask=mask).logits
-            single = model(ids[:1]).logits  # no padding: the block-sparse kernel path
-            gen = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(single, ref[:1], atol=1e-5, rtol=1e-5)
-    assert torch.equal(gen, ref_gen)
+    lm.assert_equals_eager(lm.make(kind), SeerAttentionConfig(block_size=8, threshold=0.0))
 
 
 def test_distillation_lowers_the_loss_and_raises_block_recall(lm):

@@ -24,6 +24,8 @@ from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 from vzoo.registry import Method, register_method
 
+from .layers import Attachment
+
 __all__ = [
     "BlockRankConfig", "BlockRankPrompt", "blockrank_attention", "blockrank_aux_loss", "blockrank_layout",
     "document_scores", "key_validity_mask", "pack_ids", "pack_prompt", "rank", "scores_of",
@@ -226,17 +228,7 @@ def attach_scoring(model: nn.Module, module: nn.Module, config: BlockRankConfig)
     if module.layer_idx not in config.scoring_layers(layers):
         return None
     module.blockrank_scoring = True
-    return _Unmark(module)
-
-
-class _Unmark:
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def remove(self) -> None:
-        for name in ("blockrank_scoring", "blockrank_scores"):
-            if hasattr(self.module, name):
-                delattr(self.module, name)
+    return Attachment(module, ("blockrank_scoring", "blockrank_scores"))
 
 
 def scores_of(model: nn.Module) -> torch.Tensor:

@@ -22,6 +22,8 @@ from vzoo.kernels.layout import ids_to_mask
 from vzoo.kernels.reference import dense_attention
 from vzoo.registry import Method, register_method
 
+from .layers import Attachment, select_layers
+
 __all__ = ["KeyConv", "MoBAConfig", "attach_key_conv", "moba_attention", "moba_routing"]
 
 
@@ -47,11 +49,7 @@ class MoBAConfig:
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """The layers that use MoBA."""
-        if self.layers is None:
-            return tuple(range(num_layers))
-        if any(i >= num_layers for i in self.layers):
-            raise ValueError(f"MoBAConfig.layers={self.layers} has indices >= num_layers={num_layers}")
-        return tuple(self.layers)
+        return select_layers("MoBAConfig.layers", self.layers, num_layers)
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -88,25 +86,14 @@ class KeyConv(nn.Module):
         return f"heads={self.heads}, head_dim={self.head_dim}, width={self.width}"
 
 
-class _Detach:
-    """Removes the key convolution a patched attention module got."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def remove(self) -> None:
-        if hasattr(self.module, "vzoo_key_conv"):
-            del self.module.vzoo_key_conv
-
-
-def attach_key_conv(model: nn.Module, module: nn.Module, config: MoBAConfig) -> _Detach | None:
+def attach_key_conv(model: nn.Module, module: nn.Module, config: MoBAConfig) -> Attachment | None:
     """Give a patched attention ``module`` its trainable ``vzoo_key_conv`` (when ``config.key_conv``)."""
     if not config.key_conv:
         return None
     ref = module.k_proj.weight
     heads = module.config.num_key_value_heads
     module.vzoo_key_conv = KeyConv(heads, module.head_dim, config.key_conv).to(ref.device, ref.dtype)
-    return _Detach(module)
+    return Attachment(module, ("vzoo_key_conv",))
 
 
 @torch.no_grad()

@@ -31,6 +31,8 @@ from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 from vzoo.registry import Method, register_method
 
+from .layers import Attachment, select_layers
+
 __all__ = [
     "AttnGate", "SeerAttentionConfig", "attach_gate", "block_recall", "gate_parameters", "load_gates", "save_gates",
     "seer_attention", "seer_distill_loss",
@@ -82,11 +84,7 @@ class SeerAttentionConfig:
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """The layers that get gates."""
-        if self.layers is None:
-            return tuple(range(num_layers))
-        if any(i >= num_layers for i in self.layers):
-            raise ValueError(f"SeerAttentionConfig.layers={self.layers} has indices >= num_layers={num_layers}")
-        return tuple(self.layers)
+        return select_layers("SeerAttentionConfig.layers", self.layers, num_layers)
 
 
 class MultiHeadLinear(nn.Module):
@@ -177,20 +175,7 @@ def _block_rotary(model: nn.Module, hidden: int) -> nn.Module:
     return type(base)(config=cfg).to(next(model.parameters()).device)
 
 
-class _Detach:
-    """Undoes :func:`attach_gate` on one attention module."""
-
-    def __init__(self, module: nn.Module, hooks: list) -> None:
-        self.module, self.hooks = module, hooks
-
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        if hasattr(self.module, "attn_gate"):
-            del self.module.attn_gate
-
-
-def attach_gate(model: nn.Module, module: nn.Module, config: SeerAttentionConfig) -> _Detach:
+def attach_gate(model: nn.Module, module: nn.Module, config: SeerAttentionConfig) -> Attachment:
     """Give ``module`` its ``attn_gate`` and hooks that hand it the pre-RoPE projections."""
     ref = module.q_proj.weight
     cfg = module.config
@@ -207,7 +192,7 @@ def attach_gate(model: nn.Module, module: nn.Module, config: SeerAttentionConfig
         return hook
 
     hooks = [module.q_proj.register_forward_hook(grab("q", heads)), module.k_proj.register_forward_hook(grab("k", kv_heads))]
-    return _Detach(module, hooks)
+    return Attachment(module, ("attn_gate",), tuple(hooks))
 
 
 def _selected_blocks(config: SeerAttentionConfig, logits: torch.Tensor) -> torch.Tensor:
