@@ -320,7 +320,7 @@ def step_peak_mb(step: Callable[[], object]) -> float:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status_kb("VmRSS")
     step()
-    return (_status_kb("VmHWM") - before) / 1024
+    return max(0.0, (_status_kb("VmHWM") - before) / 1024)  # RSS can dip between the reset and the read
 
 
 def peak_memory_mb(make: Callable[[], torch.nn.Module], mode: str, batch: int = 8, size: int = 224) -> float:

@@ -28,5 +28,5 @@ def test_rows_on_a_short_prompt():
     assert rows[0].kv_mb == full_kv and rows[0].speedup == 1.0
     assert rows[5].kv_mb == full_kv  # 1024 tokens fit in sink + window: nothing evicted
     for r in rows:
-        assert r.ms > 0 and r.peak_mb >= 0 and 0 < r.density <= 1 + 1e-12, r
+        assert r.ms > 0 and 0 < r.density <= 1 + 1e-12, r
     assert "longgen" in format_lm(rows) and torch.isfinite(torch.tensor([r.speedup for r in rows])).all()
