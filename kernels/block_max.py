@@ -13,7 +13,7 @@ import math
 import torch
 
 from .backends import resolve_backend
-from .block_sparse import check_qkv
+from .block_sparse import check_key_mask, check_qkv
 
 __all__ = ["attention_block_max"]
 
@@ -25,6 +25,7 @@ def _block_max_of_rows(scores: torch.Tensor, block: int, q_rows: int) -> torch.T
     per key block the max of ``exp(score - lse)``, then the max over each block of rows."""
     b, h, r, skv = scores.shape
     lse = torch.logsumexp(scores, -1, keepdim=True)
+    lse = lse.masked_fill(torch.isneginf(lse), 0.0)  # rows that see no key: every entry stays exp(-inf) = 0
     pad = -skv % block
     if pad:
         scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
@@ -42,6 +43,7 @@ def attention_block_max(
     *,
     scale: float | None = None,
     causal: bool = True,
+    key_mask: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Block max-pooled attention probabilities.
@@ -52,13 +54,16 @@ def attention_block_max(
         block: query and key block size in tokens.
         scale: softmax scale, default ``1/sqrt(D)``.
         causal: mask keys after each query.
+        key_mask: bool ``[B, Skv]``; keys marked False are hidden (padding).
         backend: ``"reference"`` or ``"torch"`` (default).
 
     Returns:
         fp32 ``[B, Hq, ceil(Sq / block), ceil(Skv / block)]`` with entries in ``[0, 1]`` (0 where no
-        pair of the two blocks is visible). Not differentiable (a training target).
+        pair of the two blocks is visible; rows that see no key count as 0). Not differentiable (a
+        training target).
     """
     check_qkv(q, k, k)
+    check_key_mask(key_mask, k)
     if not isinstance(block, int) or isinstance(block, bool) or block < 1:
         raise ValueError(f"block={block!r} must be a positive int")
     name = resolve_backend(backend, q.device, needs_grad=False, needs_lse=False, supports=("reference", "torch"))
@@ -78,5 +83,7 @@ def attention_block_max(
             if causal:
                 pos = torch.arange(r0, r1, device=q.device)[:, None] + shift
                 s = s.masked_fill(torch.arange(skv, device=q.device) > pos, float("-inf"))
+            if key_mask is not None:
+                s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
             parts.append(_block_max_of_rows(s, block, r1 - r0))
         return torch.cat(parts, 2)

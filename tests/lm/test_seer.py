@@ -117,6 +117,22 @@ def test_distillation_lowers_the_loss_and_raises_block_recall(lm):
     assert all(p.requires_grad for p in model.parameters()) and not model.training
 
 
+def test_distillation_target_ignores_padded_keys(lm):
+    model = lm.make()
+    apply_sparse_attention(model, SeerAttentionConfig(block_size=8))
+    ids = torch.randint(0, 97, (2, 48))
+    mask = torch.ones(2, 48, dtype=torch.long)
+    mask[1, :11] = 0
+    model.train()
+    model(ids, attention_mask=mask, logits_to_keep=1)
+    gate = model.model.layers[1].self_attn.attn_gate
+    logits, target = gate.last
+    assert torch.isfinite(gate.loss) and gate.loss >= 0
+    assert target[1, :, :, 0].abs().max() == 0  # key block 0 of the padded row is all padding ...
+    assert target[0, :, :, 0].min() > 0  # ... and is attended to in the unpadded row
+    torch.testing.assert_close(target[1, :, 2:].sum(-1), torch.ones_like(target[1, :, 2:].sum(-1)))
+
+
 def test_gate_files_round_trip_and_removal(lm, tmp_path):
     model = lm.make()
     handle = apply_sparse_attention(model, SeerAttentionConfig(block_size=8))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
-__all__ = ["Attachment", "select_layers"]
+__all__ = ["Attachment", "key_validity", "select_layers"]
 
 
 def select_layers(owner: str, layers: tuple[int, ...] | None, num_layers: int) -> tuple[int, ...]:
@@ -14,6 +15,13 @@ def select_layers(owner: str, layers: tuple[int, ...] | None, num_layers: int) -
     if any(i >= num_layers for i in layers):
         raise ValueError(f"{owner}={layers} has indices >= num_layers={num_layers}")
     return tuple(layers)
+
+
+def key_validity(attention_mask: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, kv]``: the keys transformers' ``[B, 1, q, kv]`` mask (bool, or additive with 0 = keep)
+    leaves visible to its last query, which sits at the last position, i.e. the unpadded keys."""
+    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    return mask[:, 0, -1, :]
 
 
 class Attachment:

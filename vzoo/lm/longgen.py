@@ -21,9 +21,10 @@ import torch
 import torch.nn as nn
 from transformers.cache_utils import DynamicLayer
 
-from vzoo.kernels import BlockSparseLayout, block_sparse_attention, sink_window_attention
-from vzoo.kernels.reference import dense_attention, layout_token_mask, visible_keys
+from vzoo.kernels import BlockSparseLayout, block_sparse_attention, sink_window_attention, sink_window_layout
 from vzoo.registry import Method, register_method
+
+from .layers import key_validity
 
 __all__ = ["LongGenConfig", "SinkWindowLayer", "attach_eviction", "longgen_attention"]
 
@@ -104,23 +105,18 @@ def longgen_attention(
     [B, Hkv, kv, D]`` (on evicting layers: the sink, the kept window and the new tokens);
     ``attention_mask`` is transformers' (``None``: causal only). Returns ``[B, H, q, D]``."""
     sq, skv = query.shape[2], key.shape[2]
-    window = config.window if config.pattern == "sink_window" else None
-    sink = config.sink if window else 0
-    if attention_mask is None and window:  # no padding: sdpa_mask left causality to us
-        out = sink_window_attention(query, key, value, window, sink, scale=scale, block=config.block_size)
-    elif attention_mask is None:
-        out = block_sparse_attention(query, key, value, _stride_layout(config, sq, skv, query.device), causal=True, scale=scale)
-    else:  # padding: one dense masked pass with the same rule (exact)
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        mask = mask[:, :, -sq:]
-        if mask.shape[-1] > skv:  # the cache evicted the middle: keep the sink's and the tail's columns
-            mask = torch.cat([mask[..., :sink], mask[..., mask.shape[-1] - (skv - sink) :]], -1)
-        if window:
-            allowed = visible_keys(sq, skv, True, window, sink, query.device)
-        else:
-            allowed = layout_token_mask(_stride_layout(config, sq, skv, query.device), None, True)
-        out = dense_attention(query, key, value, allowed & mask, scale)[0]
-    return out
+    if config.pattern == "local_stride":
+        layout = _stride_layout(config, sq, skv, query.device)
+        keys = None if attention_mask is None else key_validity(attention_mask)
+        return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, key_mask=keys)
+    window, sink = config.window, config.sink
+    if attention_mask is None:  # no padding: sdpa_mask left causality to us
+        return sink_window_attention(query, key, value, window, sink, scale=scale, block=config.block_size)
+    keys = key_validity(attention_mask)
+    if keys.shape[-1] > skv:  # the cache evicted the middle: keep the sink's and the tail's columns
+        keys = torch.cat([keys[:, :sink], keys[:, keys.shape[-1] - (skv - sink) :]], -1)
+    layout = sink_window_layout(sq, skv, window, sink, config.block_size, query.device)
+    return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, window=window, sink=sink, key_mask=keys)
 
 
 class SinkWindowLayer(DynamicLayer):

@@ -25,13 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vzoo.kernels import BlockSparseLayout, block_sparse_attention
-from vzoo.kernels import attention_block_max
+from vzoo.kernels import BlockSparseLayout, attention_block_max, block_sparse_attention
 from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 from vzoo.registry import Method, register_method
 
-from .layers import Attachment, select_layers
+from .layers import Attachment, key_validity, select_layers
 
 __all__ = [
     "AttnGate", "SeerAttentionConfig", "attach_gate", "block_recall", "gate_parameters", "load_gates", "save_gates",
@@ -219,50 +218,36 @@ def seer_attention(
     gate: AttnGate = module.attn_gate
     pending, gate.pending = gate.pending, None
     sq, skv = query.shape[2], key.shape[2]
-    mask = None
-    if attention_mask is not None:
-        mask = (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)[:, :, -sq:, :skv]
+    keys = None if attention_mask is None else key_validity(attention_mask)[:, :skv]
     prefill = sq == skv and sq > 1 and pending is not None
     if module.training or not prefill:  # dense: distillation, decoding, chunked prefill
         allowed = visible_keys(sq, skv, True, device=query.device)
-        out = masked_sdpa(query, key, value, allowed if mask is None else allowed & mask, scale)
+        out = masked_sdpa(query, key, value, allowed if keys is None else allowed & keys[:, None, None, :], scale)
         if module.training and prefill:
-            gate.loss = _distill_loss(gate, pending, query, key, mask, position_ids, scale)
+            gate.loss = _distill_loss(gate, pending, query, key, keys, position_ids, scale)
         return out
     with torch.no_grad():
         logits = gate(*pending, _positions(position_ids, sq, query.device))
         chosen = _selected_blocks(config, logits)
-    if mask is None:
-        layout = BlockSparseLayout.from_block_mask(chosen, gate.block, gate.block, sq, skv)
-        return block_sparse_attention(query, key, value, layout, causal=True, scale=scale)
-    tokens = chosen.repeat_interleave(gate.block, 2).repeat_interleave(gate.block, 3)[:, :, :sq, :skv]
-    return masked_sdpa(query, key, value, tokens & visible_keys(sq, skv, True, device=query.device) & mask, scale)
+    layout = BlockSparseLayout.from_block_mask(chosen, gate.block, gate.block, sq, skv)
+    return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, key_mask=keys)
 
 
 def _positions(position_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)[None] if position_ids is None else position_ids
 
 
-def _distill_loss(gate: AttnGate, pending, query, key, mask, position_ids, scale) -> torch.Tensor:
+def _distill_loss(gate: AttnGate, pending, query, key, keys, position_ids, scale) -> torch.Tensor:
     """KL(target || gate) on query blocks past the first quarter (the official ``nn.KLDivLoss()``, mean
     over elements); the target is the renormalised block max-pooled map of the dense attention."""
     q_pre, k_pre = (t.detach() for t in pending)
     logits = gate(q_pre, k_pre, _positions(position_ids, query.shape[2], query.device))
-    target = attention_block_max(query.detach(), key.detach(), gate.block, scale=scale)
-    if mask is not None:  # padded keys carry no attention in the dense model either
-        target = target * _key_blocks_alive(mask, gate.block)
+    target = attention_block_max(query.detach(), key.detach(), gate.block, scale=scale, key_mask=keys)
     target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
     gate.last = (logits.detach(), target)
     start = logits.shape[2] // 4
     logp, target = F.log_softmax(logits[:, :, start:].float(), -1), target[:, :, start:]
     return (torch.xlogy(target, target) - target * logp).mean()
-
-
-def _key_blocks_alive(mask: torch.Tensor, block: int) -> torch.Tensor:
-    """``[B, 1, 1, NB]``: 1 where the key block holds an unpadded token."""
-    keys = mask.any(2, keepdim=True).float()  # [B, 1, 1, kv]
-    pad = -keys.shape[-1] % block
-    return F.pad(keys, (0, pad)).unflatten(-1, (-1, block)).amax(-1)
 
 
 def gate_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
