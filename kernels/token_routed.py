@@ -17,7 +17,7 @@ import math
 import torch
 
 from .backends import resolve_backend
-from .block_sparse import check_qkv, run_attention
+from .block_sparse import check_key_mask, check_qkv, run_attention
 from .layout import BlockSparseLayout, ids_to_mask
 from .reference import dense_attention
 
@@ -46,6 +46,7 @@ def token_routed_attention(
     return_lse: bool = False,
     backend: str | None = None,
     tile: int = 64,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query token over the key blocks it was routed to.
 
@@ -58,12 +59,14 @@ def token_routed_attention(
         causal: bottom-right aligned token causal mask (key ``j`` visible to query ``i`` iff
             ``j <= i + Skv - Sq``), applied inside the chosen blocks.
         tile: query tile (tokens) whose union of routed blocks forms one layout row.
+        key_mask: bool ``[B, Skv]``; keys marked False are hidden from every query (padding).
 
     Returns:
         ``out [B, Hq, Sq, D]``; with ``return_lse`` also ``lse [B, Hq, Sq]`` fp32. A token routed to
         no visible key gets zeros and ``lse = -inf``.
     """
     check_qkv(q, k, v)
+    check_key_mask(key_mask, k)
     if not isinstance(block_n, int) or block_n < 1:
         raise ValueError(f"block_n={block_n!r} must be a positive int")
     if not isinstance(tile, int) or tile < 1:
@@ -89,7 +92,8 @@ def token_routed_attention(
     chosen = _routing_mask(block_idx, block_cnt, nkb)  # [B, Hl, Sq, NKB]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not causal and resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=return_lse) == "torch":
-        out, lse = _per_key_block(q, k, v, chosen, block_n, q.shape[-1] ** -0.5 if scale is None else float(scale))
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        out, lse = _per_key_block(q, k, v, chosen, block_n, scale, key_mask)
         return (out, lse) if return_lse else out
     ntiles = -(-sq // tile)
     padded = torch.nn.functional.pad(chosen, (0, 0, 0, ntiles * tile - sq))
@@ -117,6 +121,7 @@ def token_routed_attention(
         return_lse=return_lse,
         backend=backend,
         reference_mask=reference_mask,
+        key_mask=key_mask,
     )
 
 
@@ -132,24 +137,34 @@ def _dense_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) 
 
 
 def _per_key_block(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: torch.Tensor, block_n: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chosen: torch.Tensor, block_n: int, scale: float,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every (batch, head, key block): the queries that chose it attend to its keys; each query's
-    partial results are merged by log-sum-exp. Plain differentiable torch ops; fp32 math."""
+    """For every (batch, head, key block): the queries that chose it attend to its keys (those
+    ``key_mask [B, Skv]`` keeps); each query's partial results are merged by log-sum-exp. Plain
+    differentiable torch ops; fp32 math."""
     b, hq, sq, d = q.shape
     group = hq // k.shape[1]
     chosen = chosen.expand(b, -1, -1, -1)
     if chosen.shape[1] != hq:
         chosen = chosen.repeat_interleave(hq // chosen.shape[1], 1)
     ids, outs, lses = [], [], []
+    nkb = chosen.shape[-1]
     for bi in range(b):
+        # the key positions of each block: all of them, or those the key mask keeps (None: none left)
+        spans = [slice(j * block_n, (j + 1) * block_n) for j in range(nkb)]
+        if key_mask is not None:
+            kept = key_mask[bi].nonzero()[:, 0]
+            per_block = kept.split(torch.bincount(kept // block_n, minlength=nkb).tolist())
+            spans = [pos if pos.numel() else None for pos in per_block]
         for h in range(hq):
             keys, values = k[bi, h // group], v[bi, h // group]
             pairs = chosen[bi, h].T.nonzero()  # (block, query), grouped by block
-            counts = torch.bincount(pairs[:, 0], minlength=chosen.shape[-1]).tolist()
+            counts = torch.bincount(pairs[:, 0], minlength=nkb).tolist()
             for j, rows in zip((j for j, c in enumerate(counts) if c), pairs[:, 1].split([c for c in counts if c])):
-                blk = slice(j * block_n, (j + 1) * block_n)
-                out, lse = _dense_lse(q[bi, h, rows], keys[blk], values[blk], scale)
+                if spans[j] is None:
+                    continue
+                out, lse = _dense_lse(q[bi, h, rows], keys[spans[j]], values[spans[j]], scale)
                 outs.append(out)
                 lses.append(lse)
                 ids.append(rows + (bi * hq + h) * sq)

@@ -35,7 +35,8 @@ CASES = {
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_token_routed_matches_oracle(oracle, triton_device, backend, causal, case):
+@pytest.mark.parametrize("padded", [False, True])
+def test_token_routed_matches_oracle(oracle, triton_device, backend, causal, case, padded):
     b, hq, hkv, sq, skv, d, bn, kk, hl, tile = case
     g = torch.Generator().manual_seed(7)
     q, k, v = torch.randn(b, hq, sq, d, generator=g), torch.randn(b, hkv, skv, d, generator=g), torch.randn(b, hkv, skv, d, generator=g)
@@ -43,6 +44,11 @@ def test_token_routed_matches_oracle(oracle, triton_device, backend, causal, cas
     block_idx = torch.randint(-1, nkb, (b, hl, sq, kk), generator=g, dtype=torch.int32)
     block_cnt = torch.randint(0, kk + 1, (b, hl, sq), generator=g, dtype=torch.int32)
     allowed = routed_mask(block_idx, block_cnt, bn, sq, skv, causal)
+    key_mask = None
+    if padded:  # random holes plus a fully padded first block
+        key_mask = torch.rand(b, skv, generator=g) > 0.3
+        key_mask[:, :bn] = False
+        allowed = allowed & key_mask[:, None, None, :]
 
     dev = triton_device if backend == "triton" else "cpu"
 
@@ -56,7 +62,8 @@ def test_token_routed_matches_oracle(oracle, triton_device, backend, causal, cas
     want = grads(lambda q, k, v: oracle.attention(q, k, v, allowed), q.double(), k.double(), v.double())
     got = grads(
         lambda q, k, v: vk.token_routed_attention(
-            q, k, v, block_idx.to(dev), block_cnt.to(dev), block_n=bn, causal=causal, return_lse=True, backend=backend, tile=tile
+            q, k, v, block_idx.to(dev), block_cnt.to(dev), block_n=bn, causal=causal, return_lse=True, backend=backend,
+            tile=tile, key_mask=None if key_mask is None else key_mask.to(dev),
         ),
         q.to(dev), k.to(dev), v.to(dev),
     )

@@ -18,11 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vzoo.kernels import merge_attention_states, token_routed_attention
-from vzoo.kernels.layout import ids_to_mask
-from vzoo.kernels.reference import dense_attention
 from vzoo.registry import Method, register_method
 
-from .layers import Attachment, select_layers
+from .layers import Attachment, key_validity, select_layers
 
 __all__ = ["KeyConv", "MoBAConfig", "attach_key_conv", "moba_attention", "moba_routing"]
 
@@ -128,26 +126,17 @@ def moba_attention(
     conv = getattr(module, "vzoo_key_conv", None)
     key = conv(key) if conv is not None else key
     block_idx = moba_routing(query, key, config.block_size, config.topk)
-    if attention_mask is None:  # no padding: sdpa_mask left causality to us
-        own, lse = token_routed_attention(query, key, value, block_idx[..., :1], block_n=config.block_size, causal=True, scale=scale, return_lse=True)
-        past = block_idx[..., 1:]
-        if past.shape[-1] and bool((past >= 0).any()):
-            routed, lse_r = token_routed_attention(query, key, value, past, block_n=config.block_size, scale=scale, return_lse=True)
-            own = merge_attention_states([own, routed], [lse, lse_r])[0]
-        out = own
-    else:  # padding: one dense masked pass (exact), as eager attention with the routed mask
-        out = _masked(query, key, value, block_idx, config.block_size, attention_mask, scale)
-    return out
-
-
-def _masked(q, k, v, block_idx, block_size, attention_mask, scale):
-    """Dense pass with the routed blocks, token causality and transformers' padding mask (``[B, 1, q, kv]``)."""
-    sq, skv = q.shape[2], k.shape[2]
-    kpos = torch.arange(skv, device=q.device)
-    chosen = ids_to_mask(block_idx, block_idx >= 0, -(-skv // block_size))  # [B, H, q, blocks]
-    allowed = chosen[..., kpos // block_size] & (kpos <= torch.arange(skv - sq, skv, device=q.device)[:, None])
-    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    return dense_attention(q, k, v, allowed & mask[:, :, -sq:, :skv], scale)[0]
+    keys = None if attention_mask is None else key_validity(attention_mask)
+    own, lse = token_routed_attention(
+        query, key, value, block_idx[..., :1], block_n=config.block_size, causal=True, scale=scale, return_lse=True, key_mask=keys
+    )
+    past = block_idx[..., 1:]
+    if not past.shape[-1] or not bool((past >= 0).any()):
+        return own
+    routed, lse_r = token_routed_attention(
+        query, key, value, past, block_n=config.block_size, scale=scale, return_lse=True, key_mask=keys
+    )
+    return merge_attention_states([own, routed], [lse, lse_r])[0]
 
 
 register_method(
