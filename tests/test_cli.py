@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vzoo import bench
-from vzoo.cli import main
+from vzoo.cli import entry, main
 from vzoo.registry import OPS, Method, methods, register_method
 
 
@@ -116,3 +116,9 @@ def test_peak_memory_of_a_training_step_exceeds_inference():
         assert done.returncode == 0, done.stderr
         mb[mode] = float(done.stdout.split()[-1])
     assert 0 < mb["eval"] < mb["train"] < 2000
+
+
+def test_console_entry_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert entry(["train", "lm-gates", "--model", str(tmp_path), "--data", str(tmp_path / "none.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vzoo: error: ") and "config.json" in err and "Traceback" not in err

@@ -294,5 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return args.func(args)
 
 
+def entry(argv: Sequence[str] | None = None) -> int:
+    """The ``vzoo`` console command: :func:`main`, with bad input reported as one line, not a traceback."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"vzoo: error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
