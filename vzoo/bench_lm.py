@@ -114,12 +114,16 @@ def _cuda_peak_mb(prefill) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def lm_rows(tokens: list[int], repeats: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[LMRow]:
+def lm_rows(
+    tokens: list[int], repeats: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True
+) -> list[LMRow]:
     """Prefill (with a KV cache, last logits only) of :func:`narrow_llama` at each length, per method.
     Latency and KV size are measured here; on the CPU peak memory is measured in a fresh process per
     row, so memory the allocator kept from earlier runs does not hide it."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
 
     from vzoo.lm import apply_sparse_attention
 
@@ -127,10 +131,12 @@ def lm_rows(tokens: list[int], repeats: int = 3, device: str = "cpu", dtype: tor
     dev = torch.device(device)
     rows = []
     spawn = multiprocessing.get_context("spawn")
+    bar = tqdm(total=len(tokens) * len(lm_methods(max(tokens))), desc="language models", disable=not progress)
     for n in tokens:
         ids = _prompt(n).to(dev)
         base = None
         for name, (config, density) in lm_methods(n).items():
+            bar.set_postfix_str(f"{n} tokens, {name.split()[0]}")
             handle = apply_sparse_attention(model, config) if config is not None else None
             ms = median_ms(lambda: _prefill(model, ids), dev, repeats)
             out = _prefill(model, ids)
@@ -145,6 +151,8 @@ def lm_rows(tokens: list[int], repeats: int = 3, device: str = "cpu", dtype: tor
                 handle.remove()
             base = base or ms
             rows.append(LMRow(name, n, ms, base / ms, peak, kv, density))
+            bar.update()
+    bar.close()
     return rows
 
 

@@ -22,7 +22,7 @@ def test_densities_count_the_attended_causal_pairs():
 
 
 def test_rows_on_a_short_prompt():
-    rows = lm_rows([1024], repeats=1)
+    rows = lm_rows([1024], repeats=1, progress=False)
     assert [r.method.split()[0] for r in rows] == ["sdpa", "moba", "flashmoba-style", "seerattention", "blockrank", "longgen"]
     full_kv = 4 * 2 * 1024 * 256 * 4 / 2**20  # 4 layers, K and V, 1024 tokens, 4 x 64 fp32
     assert rows[0].kv_mb == full_kv and rows[0].speedup == 1.0
