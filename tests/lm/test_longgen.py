@@ -134,3 +134,10 @@ def test_remove_restores_and_bad_configs(lm):
             LongGenConfig(**kwargs)
     with pytest.raises(ValueError, match="LongGenConfig.full_layers"):
         apply_sparse_attention(model, LongGenConfig(full_layers=(5,)))
+    dropping = lm.make()
+    for layer in dropping.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    dropping.train()
+    with apply_sparse_attention(dropping, LongGenConfig(sink=2, window=6, block_size=4)):
+        with pytest.raises(ValueError, match="no attention dropout"):
+            dropping(ids)

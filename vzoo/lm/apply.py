@@ -41,6 +41,11 @@ def _interface_function(method: _Method) -> Callable:
         config = getattr(module, "vzoo_config", None)
         if config is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if dropout and module.training:
+            raise ValueError(
+                f"{method.name} has no attention dropout (the model's attention_dropout is {dropout}); "
+                "set model.config.attention_dropout = 0.0 to train with it"
+            )
         scale = module.scaling if scaling is None else scaling
         out = method.attention(config, query, key, value, attention_mask, scale, module, **kwargs)
         return out.transpose(1, 2).contiguous(), None
