@@ -13,14 +13,15 @@ import math
 import torch
 
 from .backends import resolve_backend
-from .block_sparse import check_key_mask, check_qkv
+from .block_sparse import check_int, check_key_mask, check_qkv
+from .reference import visible_at
 
 __all__ = ["attention_block_max"]
 
 _CHUNK_ELEMS = 1 << 24  # fp32 scores per chunk (64 MiB)
 
 
-def _block_max_of_rows(scores: torch.Tensor, block: int, q_rows: int) -> torch.Tensor:
+def _block_max_of_rows(scores: torch.Tensor, block: int) -> torch.Tensor:
     """``scores [B, H, R, Skv]`` (masked with -inf) -> ``[B, H, ceil(R / block), ceil(Skv / block)]``:
     per key block the max of ``exp(score - lse)``, then the max over each block of rows."""
     b, h, r, skv = scores.shape
@@ -64,14 +65,14 @@ def attention_block_max(
     """
     check_qkv(q, k, k)
     check_key_mask(key_mask, k)
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        raise ValueError(f"block={block!r} must be a positive int")
+    check_int("block", block, 1)
     name = resolve_backend(backend, q.device, needs_grad=False, needs_lse=False, supports=("reference", "torch"))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     g = hq // hkv
     shift = skv - sq
+    key_pos = torch.arange(skv, device=q.device)
     with torch.no_grad():
         kf = k.float()
         rows = sq if name == "reference" else max(block, _CHUNK_ELEMS // max(1, b * hq * skv) // block * block)
@@ -81,9 +82,8 @@ def attention_block_max(
             qc = q[:, :, r0:r1].float().reshape(b, hkv, g * (r1 - r0), d)
             s = (qc @ kf.transpose(-1, -2) * scale).view(b, hq, r1 - r0, skv)
             if causal:
-                pos = torch.arange(r0, r1, device=q.device)[:, None] + shift
-                s = s.masked_fill(torch.arange(skv, device=q.device) > pos, float("-inf"))
+                s = s.masked_fill(~visible_at(key_pos[r0:r1] + shift, key_pos, True), float("-inf"))
             if key_mask is not None:
                 s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-            parts.append(_block_max_of_rows(s, block, r1 - r0))
+            parts.append(_block_max_of_rows(s, block))
         return torch.cat(parts, 2)

@@ -64,6 +64,12 @@ def check_layout(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) ->
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
 
 
+def check_int(name: str, value: object, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) of at least ``low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}")
+
+
 def check_key_mask(key_mask: torch.Tensor | None, k: torch.Tensor) -> None:
     """Raise ``ValueError`` unless ``key_mask`` is ``None`` or a bool ``[B, Skv]`` on ``k``'s device."""
     if key_mask is None:
@@ -117,10 +123,9 @@ def run_attention(
         lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
         return (out, lse) if return_lse else out
     if name == "reference":
-        if reference_mask is None:
-            allowed = layout_token_mask(layout, token_mask, causal, window, sink, key_mask)
-        else:
-            allowed = reference_mask() if key_mask is None else reference_mask() & key_mask[:, None, None, :]
+        allowed = layout_token_mask(layout, token_mask, causal, window, sink) if reference_mask is None else reference_mask()
+        if key_mask is not None:
+            allowed = allowed & key_mask[:, None, None, :]
         if allowed.shape[1] not in (1, q.shape[1]):
             allowed = allowed.repeat_interleave(q.shape[1] // allowed.shape[1], dim=1)
         out, lse = dense_attention(q, k, v, allowed, scale)
@@ -174,10 +179,9 @@ def block_sparse_attention(
     """
     check_qkv(q, k, v)
     check_layout(layout, q, k)
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise ValueError(f"window={window!r} must be None or a positive int (tokens)")
-    if not isinstance(sink, int) or isinstance(sink, bool) or sink < 0:
-        raise ValueError(f"sink={sink!r} must be a non-negative int (tokens)")
+    if window is not None:
+        check_int("window", window, 1)
+    check_int("sink", sink, 0)
     if sink and window is None:
         raise ValueError(f"sink={sink} only applies with a window")
     check_key_mask(key_mask, k)

@@ -9,7 +9,7 @@ import torch
 
 from .layout import BlockSparseLayout, ids_to_mask
 
-__all__ = ["dense_attention", "layout_token_mask", "token_block_mask", "visible_keys"]
+__all__ = ["dense_attention", "layout_token_mask", "token_block_mask", "visible_at", "visible_keys"]
 
 
 def dense_attention(
@@ -53,9 +53,15 @@ def visible_keys(sq: int, skv: int, causal: bool, window: int = 0, sink: int = 0
     ``j > p``; ``window > 0`` keeps only keys ``j > p - window`` plus the first ``sink`` keys."""
     if not causal and window <= 0:
         return None
-    p = torch.arange(sq, device=device)[:, None] + (skv - sq)
-    j = torch.arange(skv, device=device)[None, :]
-    allowed = j <= p if causal else torch.ones(sq, skv, dtype=torch.bool, device=device)
+    q_pos = torch.arange(sq, device=device) + (skv - sq)
+    return visible_at(q_pos, torch.arange(skv, device=device), causal, window, sink)
+
+
+def visible_at(q_pos: torch.Tensor, key_pos: torch.Tensor, causal: bool, window: int = 0, sink: int = 0) -> torch.Tensor:
+    """bool ``[q, k]``: the :func:`visible_keys` rule for queries at positions ``q_pos [q]`` and keys at
+    ``key_pos [k]`` (any positions, e.g. a sink followed by a window)."""
+    p, j = q_pos[:, None], key_pos[None, :]
+    allowed = j <= p if causal else torch.ones(p.shape[0], j.shape[1], dtype=torch.bool, device=p.device)
     if window > 0:
         allowed = allowed & ((j > p - window) | (j < sink))
     return allowed
@@ -67,16 +73,13 @@ def layout_token_mask(
     causal: bool = False,
     window: int = 0,
     sink: int = 0,
-    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token-level bool mask ``[B, Hl, Sq, Skv]`` that ``layout`` (and optional per-slot ``token_mask``
-    ``[B, Hl, Sq, MAXK]``) selects, with the :func:`visible_keys` rule (causal, window, sink) and
-    without the keys ``key_mask [B, Skv]`` marks False."""
+    ``[B, Hl, Sq, MAXK]``) selects, with the :func:`visible_keys` rule (causal, window, sink)."""
     sq, skv = layout.q_len, layout.kv_len
     per_token = token_block_mask(layout, token_mask)
     b, h, _, nkb = per_token.shape
     bn = layout.block_n
     allowed = per_token[..., None].expand(b, h, sq, nkb, bn).reshape(b, h, sq, nkb * bn)[..., :skv]
     rule = visible_keys(sq, skv, causal, window, sink, layout.device)
-    allowed = allowed if rule is None else allowed & rule
-    return allowed if key_mask is None else allowed & key_mask[:, None, None, :]
+    return allowed if rule is None else allowed & rule

@@ -154,6 +154,7 @@ def _probs(
     if plan.slot_on is not None:
         slot_on = plan.slot_on[s] if plan.slot_on.shape[0] > 1 else plan.slot_on
         blocked.masked_fill_(~slot_on[..., None], float("-inf"))
+    hidden = None
     if plan.key_pos is not None:
         kp = plan.key_pos[s]
         hidden = kp >= plan.layout.kv_len
@@ -161,13 +162,12 @@ def _probs(
             hidden = hidden | (kp > plan.row_pos[s])
         if plan.window > 0:
             hidden = hidden | ((kp <= plan.row_pos[s] - plan.window) & (kp >= plan.sink))
-        blocked.masked_fill_(hidden, float("-inf"))
-    empty = None
-    if plan.key_ok is not None:  # masked keys can empty a row the block-level check kept
-        blocked.masked_fill_(~plan.key_ok[s], float("-inf"))
-    peak = out.amax(-1) if want_lse or plan.key_ok is not None else None
     if plan.key_ok is not None:
-        empty = torch.isneginf(peak)
+        hidden = ~plan.key_ok[s] if hidden is None else hidden | ~plan.key_ok[s]
+    if hidden is not None:
+        blocked.masked_fill_(hidden, float("-inf"))
+    peak = out.amax(-1) if want_lse or plan.key_ok is not None else None
+    empty = torch.isneginf(peak) if plan.key_ok is not None else None  # masked keys can empty a row
     torch.ops.aten._softmax.out(out, -1, False, out=out)
     if plan.dead is not None:
         out.masked_fill_(plan.dead[s, :, None], 0.0)
@@ -282,7 +282,9 @@ def _dense_masked(
     key_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """SDPA over all keys with the layout's token mask ``[B|1, 1|Hq, Sq, Skv]``; empty rows give zeros."""
-    mask = layout_token_mask(layout, token_mask, causal, window, sink, key_mask)
+    mask = layout_token_mask(layout, token_mask, causal, window, sink)
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
     if mask.shape[1] not in (1, q.shape[1]):
         mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
     return masked_sdpa(q, k, v, mask, scale)

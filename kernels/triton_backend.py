@@ -199,6 +199,9 @@ def _dkdv_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_D
     kv_mask = col_ok[:, None] & d_ok[None, :]
+    key_ok = col_ok  # the key mask is fixed for this key tile: load it once
+    if HAS_KEY_MASK:
+        key_ok = key_ok & (tl.load(KMASK + b * s_km + cols, mask=col_ok, other=0) != 0)
     k = tl.load(K + b * s_kb + hkv * s_kh + cols[:, None] * s_kn + d[None, :] * s_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * s_vb + hkv * s_vh + cols[:, None] * s_vn + d[None, :] * s_vd, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -238,11 +241,8 @@ def _dkdv_kernel(
                             tok = tl.load(TOK + b * s_tb + hu * s_th + rows * s_tm + slot * s_ts,
                                           mask=row_ok, other=0)
                             use = use & (tok != 0)
-                        allowed = _visible(col_ok[:, None] & use[None, :], rows[None, :], cols[:, None],
+                        allowed = _visible(key_ok[:, None] & use[None, :], rows[None, :], cols[:, None],
                                            causal_shift, window, sink, CAUSAL, WINDOW)
-                        if HAS_KEY_MASK:
-                            kept = tl.load(KMASK + b * s_km + cols, mask=col_ok, other=0)
-                            allowed = allowed & (kept != 0)[:, None]
                         st = _dot(k, tl.trans(q), UPCAST, PREC) * qk_scale
                         pt = tl.where(allowed, tl.exp2(st - lse[None, :]), 0.0)
                         dv += _dot(pt.to(do.dtype), do, UPCAST, PREC)

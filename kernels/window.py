@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from .backends import resolve_backend
-from .block_sparse import block_sparse_attention, check_qkv
+from .block_sparse import block_sparse_attention, check_int, check_qkv
 from .layout import BlockSparseLayout
+from .reference import visible_at
 
 __all__ = ["sink_window_attention", "sink_window_layout"]
 
@@ -35,12 +36,6 @@ def sink_window_layout(
     )
 
 
-def _band(q_pos: torch.Tensor, key_pos: torch.Tensor, window: int, sink: int) -> torch.Tensor:
-    """bool ``[q, k]``: which of the keys at ``key_pos`` the queries at ``q_pos`` see."""
-    p, j = q_pos[:, None], key_pos[None, :]
-    return (j <= p) & ((j > p - window) | (j < sink))
-
-
 def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int) -> torch.Tensor:
     sq, skv = q.shape[2], k.shape[2]
     dev, gqa = q.device, q.shape[1] != k.shape[1]
@@ -55,13 +50,13 @@ def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int) -> 
         q_pos = torch.arange(a, e, device=dev) + shift
         if lo <= sink:  # the sink touches the window: one contiguous range
             ks, vs = k[:, :, :hi], v[:, :, :hi]
-            mask = _band(q_pos, torch.arange(hi, device=dev), window, sink)
+            mask = visible_at(q_pos, torch.arange(hi, device=dev), True, window, sink)
         else:
             ks = torch.cat([k[:, :, :sink], k[:, :, lo:hi]], 2)
             vs = torch.cat([v[:, :, :sink], v[:, :, lo:hi]], 2)
             if e - a < chunk or interior is None:
                 key_pos = torch.cat([torch.arange(sink, device=dev), torch.arange(lo, hi, device=dev)])
-                mask = _band(q_pos, key_pos, window, sink)
+                mask = visible_at(q_pos, key_pos, True, window, sink)
                 interior = mask if e - a == chunk else interior
             else:
                 mask = interior
@@ -98,8 +93,7 @@ def sink_window_attention(
     """
     check_qkv(q, k, v)
     for name, value, low in (("window", window, 1), ("sink", sink, 0), ("chunk", chunk, 1), ("block", block, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}={value!r} must be an int >= {low}")
+        check_int(name, value, low)
     sq, skv = q.shape[2], k.shape[2]
     if skv < sq:
         raise ValueError(f"the {sq} queries must be the last of the keys, but there are only {skv} keys")

@@ -35,6 +35,17 @@ def loop_mask(kv_num_blocks, kv_indices, block_m, block_n, q_len, kv_len, causal
     return allowed
 
 
+def window_rule(q_len, kv_len, causal, window, sink):
+    """bool [Sq, Skv] by loops: query i at position p = i + kv_len - q_len keeps key j when j > p - window
+    or j < sink (and j <= p when causal)."""
+    keep = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    for i in range(q_len):
+        p = i + kv_len - q_len
+        for j in range(kv_len):
+            keep[i, j] = (j > p - window or j < sink) and (j <= p or not causal)
+    return keep
+
+
 def naive_attention(q, k, v, allowed, scale=None):
     """float64 masked softmax attention on the CPU (differentiable back to inputs on any device);
     empty rows give 0 and -inf. Returns (out, lse)."""
@@ -78,6 +89,7 @@ def oracle():
 
     class Oracle:
         mask = staticmethod(loop_mask)
+        window = staticmethod(window_rule)
 
         @staticmethod
         def layout_mask(layout, token_mask=None, causal=False):

@@ -71,17 +71,6 @@ def test_matches_oracle_fp32(oracle, triton_device, backend, causal, case):
         assert (g[fin].double() - w[fin]).abs().max() < 1e-4, name
 
 
-def window_rule(q_len, kv_len, causal, window, sink):
-    """bool [Sq, Skv] by loops: query i at position p = i + kv_len - q_len keeps key j when j > p - window
-    or j < sink (and j <= p when causal)."""
-    keep = torch.zeros(q_len, kv_len, dtype=torch.bool)
-    for i in range(q_len):
-        p = i + kv_len - q_len
-        for j in range(kv_len):
-            keep[i, j] = (j > p - window or j < sink) and (j <= p or not causal)
-    return keep
-
-
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case,window,sink", [("ragged", 20, 0), ("gqa_shared", 33, 5), ("sparse_empty_rows", 7, 16)])
@@ -96,7 +85,7 @@ def test_window_and_sink_match_oracle(oracle, triton_device, backend, causal, ca
     )
     allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, layout.block_m, layout.block_n,
                           layout.q_len, layout.kv_len, False)
-    allowed = allowed & window_rule(layout.q_len, layout.kv_len, causal, window, sink)
+    allowed = allowed & oracle.window(layout.q_len, layout.kv_len, causal, window, sink)
     want = run_with_grads(lambda q, k, v: oracle.attention(q, k, v, allowed), q.double(), k.double(), v.double())
     for name, w, g in zip(("out", "lse", "dq", "dk", "dv"), want, [t.detach().cpu() for t in got]):
         assert torch.equal(torch.isinf(g), torch.isinf(w)), name
@@ -130,10 +119,10 @@ def test_key_mask_matches_oracle(oracle, triton_device, monkeypatch, backend, ca
         fin = ~torch.isinf(w)
         assert torch.isfinite(g).all() or name == "lse", name
         assert (g[fin].double() - w[fin]).abs().max() < 1e-4, name
-    dense = vk.block_sparse_attention(q, k, v, layout, causal=causal, key_mask=keep, backend="torch")
+    gather = vk.block_sparse_attention(q, k, v, layout, causal=causal, key_mask=keep, backend="torch")
     monkeypatch.undo()
     monkeypatch.setattr(tb, "_dense_is_faster", lambda *a: True)
-    torch.testing.assert_close(vk.block_sparse_attention(q, k, v, layout, causal=causal, key_mask=keep, backend="torch"), dense)
+    torch.testing.assert_close(vk.block_sparse_attention(q, k, v, layout, causal=causal, key_mask=keep, backend="torch"), gather)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -226,7 +215,7 @@ def test_flex_backend_forward_matches_oracle(oracle):
     allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, 16, 32, 100, 77, False) & keep[:, None, None, :]
     assert (got.double() - oracle.attention(q.double(), k.double(), v.double(), allowed)[0]).abs().max() < 1e-4
     got = vk.block_sparse_attention(q, k, v, layout, causal=True, backend="flex", window=20, sink=4)
-    allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, 16, 32, 100, 77, False) & window_rule(100, 77, True, 20, 4)
+    allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, 16, 32, 100, 77, False) & oracle.window(100, 77, True, 20, 4)
     assert (got.double() - oracle.attention(q.double(), k.double(), v.double(), allowed)[0]).abs().max() < 1e-4
 
 

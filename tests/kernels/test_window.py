@@ -8,15 +8,6 @@ import torch
 import vzoo.kernels as vk
 
 
-def loop_keep(sq, skv, window, sink):
-    keep = torch.zeros(sq, skv, dtype=torch.bool)
-    for i in range(sq):
-        p = i + skv - sq
-        for j in range(p + 1):
-            keep[i, j] = j > p - window or j < sink
-    return keep
-
-
 @pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 @pytest.mark.parametrize("sq,skv,window,sink", [(70, 70, 9, 3), (33, 90, 20, 8), (1, 40, 12, 4), (50, 50, 64, 0)])
 def test_matches_oracle_with_gradients(oracle, triton_device, backend, sq, skv, window, sink):
@@ -32,7 +23,7 @@ def test_matches_oracle_with_gradients(oracle, triton_device, backend, sq, skv, 
 
     got = grads(lambda q, k, v: vk.sink_window_attention(q, k, v, window, sink, backend=backend, chunk=16, block=8),
                 q.to(dev), k.to(dev), v.to(dev))
-    keep = loop_keep(sq, skv, window, sink)
+    keep = oracle.window(sq, skv, True, window, sink)
     want = grads(lambda q, k, v: oracle.attention(q, k, v, keep[None, None])[0], q.double(), k.double(), v.double())
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert (a - b).abs().max() < 1e-4, name
