@@ -11,19 +11,22 @@ backends run :func:`block_sparse_attention` on :func:`sink_window_layout` with t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from .backends import resolve_backend
-from .block_sparse import block_sparse_attention, check_int, check_qkv
+from .block_sparse import block_sparse_attention, check_int, check_key_mask, check_qkv
 from .layout import BlockSparseLayout
 from .reference import visible_at
+from .torch_backend import masked_sdpa
 
 __all__ = ["sink_window_attention", "sink_window_layout"]
 
 
+@functools.lru_cache(maxsize=64)  # layouts are immutable; every layer and step asks for the same few
 def sink_window_layout(
     q_len: int, kv_len: int, window: int, sink: int, block: int = 64, device: torch.device | str | None = None
 ) -> BlockSparseLayout:
@@ -36,7 +39,7 @@ def sink_window_layout(
     )
 
 
-def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int) -> torch.Tensor:
+def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int, key_mask: torch.Tensor | None) -> torch.Tensor:
     sq, skv = q.shape[2], k.shape[2]
     dev, gqa = q.device, q.shape[1] != k.shape[1]
     shift = skv - sq
@@ -50,17 +53,22 @@ def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int) -> 
         q_pos = torch.arange(a, e, device=dev) + shift
         if lo <= sink:  # the sink touches the window: one contiguous range
             ks, vs = k[:, :, :hi], v[:, :, :hi]
+            kept = None if key_mask is None else key_mask[:, :hi]
             mask = visible_at(q_pos, torch.arange(hi, device=dev), True, window, sink)
         else:
             ks = torch.cat([k[:, :, :sink], k[:, :, lo:hi]], 2)
             vs = torch.cat([v[:, :, :sink], v[:, :, lo:hi]], 2)
+            kept = None if key_mask is None else torch.cat([key_mask[:, :sink], key_mask[:, lo:hi]], 1)
             if e - a < chunk or interior is None:
                 key_pos = torch.cat([torch.arange(sink, device=dev), torch.arange(lo, hi, device=dev)])
                 mask = visible_at(q_pos, key_pos, True, window, sink)
                 interior = mask if e - a == chunk else interior
             else:
                 mask = interior
-        outs.append(F.scaled_dot_product_attention(q[:, :, a:e], ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa))
+        if kept is None:
+            outs.append(F.scaled_dot_product_attention(q[:, :, a:e], ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa))
+        else:  # padded keys can leave a query with nothing to see
+            outs.append(masked_sdpa(q[:, :, a:e], ks, vs, mask & kept[:, None, None, :], scale))
     return torch.cat(outs, 2)
 
 
@@ -75,6 +83,7 @@ def sink_window_attention(
     backend: str | None = None,
     chunk: int = 256,
     block: int = 64,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal sink+window attention.
 
@@ -87,11 +96,13 @@ def sink_window_attention(
         backend: ``"reference" | "torch" | "triton" | "flex"`` or ``None`` for the default.
         chunk: queries per SDPA call on the ``torch`` backend.
         block: block size of the layout the other backends use.
+        key_mask: bool ``[B, Skv]``; keys marked False are hidden (padding).
 
     Returns:
         ``[B, Hq, Sq, D]`` in ``q.dtype``.
     """
     check_qkv(q, k, v)
+    check_key_mask(key_mask, k)
     for name, value, low in (("window", window, 1), ("sink", sink, 0), ("chunk", chunk, 1), ("block", block, 1)):
         check_int(name, value, low)
     sq, skv = q.shape[2], k.shape[2]
@@ -101,6 +112,8 @@ def sink_window_attention(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=False)
     if name == "torch" and q.numel() and skv:
-        return _chunked_sdpa(q, k, v, window, sink, scale, chunk)
+        return _chunked_sdpa(q, k, v, window, sink, scale, chunk, key_mask)
     layout = sink_window_layout(sq, skv, window, sink, block, q.device)
-    return block_sparse_attention(q, k, v, layout, causal=True, scale=scale, backend=name, window=window, sink=sink)
+    return block_sparse_attention(
+        q, k, v, layout, causal=True, scale=scale, backend=name, window=window, sink=sink, key_mask=key_mask
+    )

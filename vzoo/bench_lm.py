@@ -92,12 +92,12 @@ def _prompt(n: int) -> torch.Tensor:
     return torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(n))
 
 
-def _fresh_peak_mb(n: int, name: str, max_tokens: int) -> float:
+def _fresh_peak_mb(n: int, name: str, max_tokens: int, dtype: torch.dtype) -> float:
     """Peak extra memory of one prefill, measured in this (fresh) process after a warm-up prefill of
     a shorter prompt (so lazily built state is not counted)."""
     from vzoo.lm import apply_sparse_attention
 
-    model, ids = narrow_llama(max_tokens), _prompt(n)
+    model, ids = narrow_llama(max_tokens).to(dtype), _prompt(n)
     config = lm_methods(n)[name][0]
     if config is not None:
         apply_sparse_attention(model, config)
@@ -146,7 +146,7 @@ def lm_rows(
                 peak = _cuda_peak_mb(lambda: _prefill(model, ids))
             else:
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                    peak = pool.submit(_fresh_peak_mb, n, name, max(tokens)).result()
+                    peak = pool.submit(_fresh_peak_mb, n, name, max(tokens), dtype).result()
             if handle is not None:
                 handle.remove()
             base = base or ms

@@ -1,20 +1,27 @@
-"""The language-model benchmark helpers: densities against brute-force counts, rows on a short prompt."""
+"""The language-model benchmark helpers: densities against what the methods select, rows on a short prompt."""
 
 from __future__ import annotations
 
 import torch
 
 from vzoo.bench_lm import blockrank_density, format_lm, lm_rows, longgen_density, moba_density, topk_block_density
+from vzoo.lm import SeerAttentionConfig
+from vzoo.lm.moba import moba_routing
+from vzoo.lm.seer import _selected_blocks
 
 
-def test_densities_count_the_attended_causal_pairs():
+def test_densities_count_the_pairs_the_methods_select():
     n, block, topk, sink, window = 200, 16, 3, 5, 37
     causal = n * (n + 1) / 2
-    moba = sum(len({j for j in range(i + 1) if j // block == i // block}) + block * min(topk - 1, i // block) for i in range(n))
+    torch.manual_seed(0)
+    routed = moba_routing(torch.randn(1, 1, n, 8), torch.randn(1, 1, n, 8), block, topk)[0, 0].tolist()
+    moba = sum(1 for i in range(n) for j in range(i + 1) if j // block in routed[i])  # what MoBA really selects
     assert abs(moba_density(n, block, topk) - moba / causal) < 1e-12
     sw = sum(sum(1 for j in range(i + 1) if j < sink or j > i - window) for i in range(n))
     assert abs(longgen_density(n, sink, window) - sw / causal) < 1e-12
-    assert topk_block_density(10, 3) == sum(min(3, i + 1) for i in range(10)) / 55
+    logits = torch.randn(1, 2, 10, 10).masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    chosen = _selected_blocks(SeerAttentionConfig(topk=3), logits)  # SeerAttention's own top-k selection
+    assert abs(topk_block_density(10, 3) - chosen.sum().item() / (2 * 55)) < 1e-12
     m, h = 5, 4
     pairs = sum(1 for i in range(m * h) for j in range(i + 1)
                 if i // h == j // h or j // h == 0 or i // h == m - 1)

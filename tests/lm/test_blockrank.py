@@ -107,6 +107,8 @@ def test_aux_loss_values_and_gradient():
     two = pos.clone()
     two[:, 1] = True
     assert abs(blockrank_aux_loss(torch.zeros(2, 5), two).item() - math.log(5 / 2)) < 1e-6
+    with pytest.raises(ValueError, match="temperature"):
+        blockrank_aux_loss(torch.zeros(2, 5), pos, 0.0)
     with pytest.raises(ValueError, match="at least one relevant"):
         blockrank_aux_loss(torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.bool))
 
@@ -134,7 +136,7 @@ def test_rank_orders_documents_and_ignores_their_order(lm):
 
 def test_bad_configs_and_inputs(lm):
     for kwargs, field in ((dict(block_length=0), "block_length"), (dict(score_tokens=0), "score_tokens"),
-                          (dict(score_layers=(-1,)), "score_layers"), (dict(temperature=0.0), "temperature")):
+                          (dict(score_layers=(-1,)), "score_layers")):
         with pytest.raises(ValueError, match=f"BlockRankConfig.{field}"):
             BlockRankConfig(**kwargs)
     model = lm.make()

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.nn as nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .blockrank import BlockRankConfig, attach_scoring, blockrank_attention, key_validity_mask
 from .longgen import LongGenConfig, attach_eviction, longgen_attention
@@ -36,8 +37,6 @@ def _interface_function(method: _Method) -> Callable:
     after the cache update; returns ``([B, q, H, D], None)``. Layers without a vzoo config run SDPA."""
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         config = getattr(module, "vzoo_config", None)
         if config is None:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -14,6 +14,7 @@ loss used for fine-tuning.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 from vzoo.registry import Method, register_method
 
-from .layers import Attachment
+from .layers import Attachment, select_layers
 
 __all__ = [
     "BlockRankConfig", "BlockRankPrompt", "blockrank_attention", "blockrank_aux_loss", "blockrank_layout",
@@ -38,21 +39,17 @@ INSTRUCTION = "Rank the following passages by their relevance to the query."
 @dataclass(frozen=True)
 class BlockRankConfig:
     """BlockRank settings (official: segments of 160 tokens for training, 384 for evaluation; scores at
-    layer 20 of 32 for Mistral-7B; two query tokens; temperature 0.05; auxiliary weight 0.1).
+    layer 20 of 32 for Mistral-7B; two query tokens).
 
     Args:
         block_length: tokens per segment (``H``).
         score_layers: layers whose attention scores documents, averaged (``None``: the middle layer).
         score_tokens: last query tokens whose attention is read.
-        temperature: softmax temperature of the auxiliary loss.
-        aux_weight: weight of the auxiliary loss next to the language-model loss.
     """
 
     block_length: int = 160
     score_layers: tuple[int, ...] | None = None
     score_tokens: int = 2
-    temperature: float = 0.05
-    aux_weight: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("block_length", "score_tokens"):
@@ -65,17 +62,16 @@ class BlockRankConfig:
             raise ValueError(f"BlockRankConfig.score_layers={self.score_layers!r} must be None or layer indices")
         if self.score_tokens > self.block_length:
             raise ValueError(f"BlockRankConfig.score_tokens={self.score_tokens} exceeds block_length={self.block_length}")
-        if not self.temperature > 0:
-            raise ValueError(f"BlockRankConfig.temperature={self.temperature!r} must be positive")
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """Every layer uses the structured attention."""
-        if self.score_layers is not None and max(self.score_layers) >= num_layers:
-            raise ValueError(f"BlockRankConfig.score_layers={self.score_layers} has indices >= num_layers={num_layers}")
+        self.scoring_layers(num_layers)  # checks score_layers against the model
         return tuple(range(num_layers))
 
     def scoring_layers(self, num_layers: int) -> tuple[int, ...]:
-        return (num_layers // 2,) if self.score_layers is None else self.score_layers
+        if self.score_layers is None:
+            return (num_layers // 2,)
+        return select_layers("BlockRankConfig.score_layers", self.score_layers, num_layers)
 
 
 @dataclass
@@ -140,6 +136,7 @@ def pack_prompt(tokenizer, instruction: str, documents: list[str], query: str, b
     return pack_ids(enc(instruction, special=True), docs, enc(f"\nQuery: {query}\nAnswer:"), block_length, pad)
 
 
+@functools.lru_cache(maxsize=64)  # one layout per prompt shape, shared by every layer
 def blockrank_layout(num_segments: int, block_length: int, device=None) -> BlockSparseLayout:
     """Segment-level layout of the instruction and document segments (the query segment, which sees
     everything, is left out): the instruction sees itself, document ``i`` the instruction and itself;
@@ -212,10 +209,13 @@ def document_scores(
 
 
 def blockrank_aux_loss(scores: torch.Tensor, positives: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """Multi-positive InfoNCE over documents: ``-log(sum_pos e^{s/t} / sum_all e^{s/t})``, batch mean.
-    ``scores [B, docs]``, ``positives [B, docs]`` bool (at least one per row)."""
+    """Multi-positive InfoNCE over documents: ``-log(sum_pos e^{s/t} / sum_all e^{s/t})``, batch mean
+    (official: temperature 0.05, added to the LM loss with weight 0.1). ``scores [B, docs]``,
+    ``positives [B, docs]`` bool (at least one per row)."""
     if positives.shape != scores.shape or positives.dtype != torch.bool:
         raise ValueError(f"positives must be a bool tensor {tuple(scores.shape)}, got {positives.dtype} {tuple(positives.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be positive")
     if not bool(positives.any(-1).all()):
         raise ValueError("every row of positives needs at least one relevant document")
     logits = scores / temperature
@@ -224,8 +224,7 @@ def blockrank_aux_loss(scores: torch.Tensor, positives: torch.Tensor, temperatur
 
 def attach_scoring(model: nn.Module, module: nn.Module, config: BlockRankConfig):
     """Mark a scoring layer's attention module (``blockrank_scoring``); undone on removal."""
-    layers = max(m.layer_idx for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")) + 1
-    if module.layer_idx not in config.scoring_layers(layers):
+    if module.layer_idx not in config.scoring_layers(module.config.num_hidden_layers):
         return None
     module.blockrank_scoring = True
     return Attachment(module, ("blockrank_scoring", "blockrank_scores"))

@@ -15,16 +15,17 @@ Both run on :func:`vzoo.kernels.block_sparse_attention` with a :meth:`BlockSpars
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from transformers.cache_utils import DynamicLayer
 
-from vzoo.kernels import BlockSparseLayout, block_sparse_attention, sink_window_attention, sink_window_layout
+from vzoo.kernels import BlockSparseLayout, block_sparse_attention, sink_window_attention
 from vzoo.registry import Method, register_method
 
-from .layers import key_validity
+from .layers import key_validity, select_layers
 
 __all__ = ["LongGenConfig", "SinkWindowLayer", "attach_eviction", "longgen_attention"]
 
@@ -78,9 +79,7 @@ class LongGenConfig:
             first = (num_layers - n) // 2
             full = set(range(first, first + n))
         else:
-            if any(i >= num_layers for i in self.full_layers):
-                raise ValueError(f"LongGenConfig.full_layers={self.full_layers} has indices >= num_layers={num_layers}")
-            full = set(self.full_layers)
+            full = set(select_layers("LongGenConfig.full_layers", self.full_layers, num_layers))
         return tuple(i for i in range(num_layers) if i not in full)
 
     @property
@@ -88,6 +87,7 @@ class LongGenConfig:
         return self.evict and self.pattern == "sink_window"
 
 
+@functools.lru_cache(maxsize=64)  # the same few layouts for every layer and step
 def _stride_layout(config: LongGenConfig, q_len: int, kv_len: int, device: torch.device) -> BlockSparseLayout:
     """The ``local_stride`` pattern as a static layout shared by all heads (token-causal in the kernel)."""
     b = config.block_size
@@ -109,14 +109,12 @@ def longgen_attention(
         layout = _stride_layout(config, sq, skv, query.device)
         keys = None if attention_mask is None else key_validity(attention_mask)
         return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, key_mask=keys)
-    window, sink = config.window, config.sink
-    if attention_mask is None:  # no padding: sdpa_mask left causality to us
-        return sink_window_attention(query, key, value, window, sink, scale=scale, block=config.block_size)
-    keys = key_validity(attention_mask)
-    if keys.shape[-1] > skv:  # the cache evicted the middle: keep the sink's and the tail's columns
-        keys = torch.cat([keys[:, :sink], keys[:, keys.shape[-1] - (skv - sink) :]], -1)
-    layout = sink_window_layout(sq, skv, window, sink, config.block_size, query.device)
-    return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, window=window, sink=sink, key_mask=keys)
+    sink, keys = config.sink, None
+    if attention_mask is not None:  # padding (sdpa_mask gives None when only causality applies)
+        keys = key_validity(attention_mask)
+        if keys.shape[-1] > skv:  # the cache evicted the middle: keep the sink's and the tail's columns
+            keys = torch.cat([keys[:, :sink], keys[:, keys.shape[-1] - (skv - sink) :]], -1)
+    return sink_window_attention(query, key, value, config.window, sink, scale=scale, block=config.block_size, key_mask=keys)
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -133,8 +131,8 @@ class SinkWindowLayer(DynamicLayer):
         self.seen += key_states.shape[-2]
         n, tail = keys.shape[-2], self.window - 1
         if n > self.sink + tail:
-            keep = torch.cat([torch.arange(self.sink), torch.arange(n - tail, n)]).to(keys.device)
-            self.keys, self.values = keys.index_select(-2, keep), values.index_select(-2, keep)
+            self.keys = torch.cat([keys[..., : self.sink, :], keys[..., n - tail :, :]], -2)
+            self.values = torch.cat([values[..., : self.sink, :], values[..., n - tail :, :]], -2)
         return keys, values
 
     def get_seq_length(self) -> int:

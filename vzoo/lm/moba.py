@@ -127,11 +127,12 @@ def moba_attention(
     key = conv(key) if conv is not None else key
     block_idx = moba_routing(query, key, config.block_size, config.topk)
     keys = None if attention_mask is None else key_validity(attention_mask)
+    own_block = block_idx[:1, :1, :, :1]  # the same for every row and head
     own, lse = token_routed_attention(
-        query, key, value, block_idx[..., :1], block_n=config.block_size, causal=True, scale=scale, return_lse=True, key_mask=keys
+        query, key, value, own_block, block_n=config.block_size, causal=True, scale=scale, return_lse=True, key_mask=keys
     )
     past = block_idx[..., 1:]
-    if not past.shape[-1] or not bool((past >= 0).any()):
+    if not past.shape[-1]:  # top-1, or no complete past block yet (otherwise some query has a candidate)
         return own
     routed, lse_r = token_routed_attention(
         query, key, value, past, block_n=config.block_size, scale=scale, return_lse=True, key_mask=keys

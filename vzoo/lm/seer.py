@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, attention_block_max, block_sparse_attention
-from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 from vzoo.registry import Method, register_method
 
@@ -194,13 +193,18 @@ def attach_gate(model: nn.Module, module: nn.Module, config: SeerAttentionConfig
     return Attachment(module, ("attn_gate",), tuple(hooks))
 
 
+def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """bool like ``scores [..., N]``: the ``min(k, N)`` largest entries of each row."""
+    top = scores.topk(min(k, scores.shape[-1]), -1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+
 def _selected_blocks(config: SeerAttentionConfig, logits: torch.Tensor) -> torch.Tensor:
     """bool ``[B, H, NB, NB]`` blocks to compute, from gate logits (block-causal)."""
     n = logits.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=logits.device).tril()
     if config.topk is not None:
-        k = min(config.topk, n)
-        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, -1).indices, True)
+        chosen = _topk_mask(logits, config.topk)
     else:
         chosen = torch.softmax(logits.float(), -1) > config.threshold
     if config.last_block_dense:
@@ -221,8 +225,11 @@ def seer_attention(
     keys = None if attention_mask is None else key_validity(attention_mask)[:, :skv]
     prefill = sq == skv and sq > 1 and pending is not None
     if module.training or not prefill:  # dense: distillation, decoding, chunked prefill
-        allowed = visible_keys(sq, skv, True, device=query.device)
-        out = masked_sdpa(query, key, value, allowed if keys is None else allowed & keys[:, None, None, :], scale)
+        if attention_mask is not None:  # transformers' mask already holds causality and padding
+            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+            out = masked_sdpa(query, key, value, mask[:, :, :, :skv], scale)
+        else:  # sdpa_mask leaves None only for a prompt without cache (sq == skv) or one new token
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=sq > 1, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
         if module.training and prefill:
             gate.loss = _distill_loss(gate, pending, query, key, keys, position_ids, scale)
         return out
@@ -281,9 +288,8 @@ def block_recall(model: nn.Module, input_ids: torch.Tensor, topk: int) -> float:
     recalls = []
     for gate in (m for m in model.modules() if isinstance(m, AttnGate)):
         logits, target = gate.last
-        n, start = logits.shape[-1], logits.shape[2] // 4
-        chosen = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(min(topk, n), -1).indices, True)
-        recalls.append((target * chosen).sum(-1)[:, :, start:].mean())
+        start = logits.shape[2] // 4
+        recalls.append((target * _topk_mask(logits, topk)).sum(-1)[:, :, start:].mean())
         gate.loss = None
     return float(torch.stack(recalls).mean())
 
