@@ -84,8 +84,14 @@ def _order(t: int, h: int, w: int) -> tuple[int, ...]:
 
 def gilbert_order(grid: tuple[int, int, int], device: torch.device | str | None = None) -> torch.Tensor:
     """Permutation ``[T*H*W]`` of tokens in (t, h, w) order into generalised Hilbert order:
-    ``x[..., gilbert_order(grid), :]`` reorders, ``argsort`` of it restores."""
+    ``x[..., gilbert_order(grid), :]`` reorders, ``argsort`` of it restores. Cached per grid and device
+    (every layer and step asks again); do not modify the returned tensor in place."""
     t, h, w = (int(n) for n in grid)
     if min(t, h, w) < 1:
         raise ValueError(f"gilbert_order: grid {tuple(grid)} must have positive sizes")
+    return _order_tensor(t, h, w, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@lru_cache(maxsize=32)
+def _order_tensor(t: int, h: int, w: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(_order(t, h, w), dtype=torch.long, device=device)

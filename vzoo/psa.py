@@ -16,6 +16,7 @@ levels on pooled keys with smaller blocks) merged exactly by log-sum-exp, forwar
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -114,16 +115,24 @@ def psa_pool(x: torch.Tensor, p: int, block: int) -> torch.Tensor:
     return x if p == 1 else _pad_to_blocks(x, block).unflatten(2, (-1, p)).mean(3)
 
 
+@functools.lru_cache(maxsize=16)
+def _offsets(seed: int, bq: int, bk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled token offsets inside query and key blocks: random, shared by all blocks, fixed by
+    ``seed`` (built once per device)."""
+    gen = torch.Generator().manual_seed(seed)
+    off_q = torch.randperm(bq, generator=gen)[: bq // 4].sort().values
+    off_k = torch.randperm(bk, generator=gen)[: bk // 4].sort().values
+    return off_q.to(device), off_k.to(device)
+
+
 @torch.no_grad()
 def _importance(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float) -> torch.Tensor:
     """Row-normalised block importance ``[B, H, NQB, NKB]`` from ``block/4`` sampled tokens per block."""
     b, h, s, _ = q.shape
     bq, bk = config.block_q, config.block_k
     nqb, nkb = -(-s // bq), -(-k.shape[2] // bk)
-    gen = torch.Generator().manual_seed(config.seed)
-    # random offsets shared by all blocks, clamped into the (possibly short) last block
-    off_q = torch.randperm(bq, generator=gen)[: bq // 4].sort().values.to(q.device)
-    off_k = torch.randperm(bk, generator=gen)[: bk // 4].sort().values.to(q.device)
+    off_q, off_k = _offsets(config.seed, bq, bk, q.device)
+    # clamped into the (possibly short) last block
     iq = (torch.arange(nqb, device=q.device)[:, None] * bq + off_q).clamp_max(s - 1).flatten()
     ik = (torch.arange(nkb, device=q.device)[:, None] * bk + off_k).clamp_max(k.shape[2] - 1).flatten()
     logits = (q[:, :, iq].float() @ k[:, :, ik].float().transpose(-1, -2)) * scale  # [B, H, NQB*sq, NKB*sk]
@@ -159,7 +168,8 @@ def psa_levels(q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nkb, device=q.device).expand_as(order))
     if config.mode == "threshold":
         # mass before a block in descending order decides its level: [0, t1) full, [t1, t2) 2x, ...
-        before = score.gather(-1, order).cumsum(-1) - score.gather(-1, order)
+        ranked = score.gather(-1, order)
+        before = ranked.cumsum(-1) - ranked
         sorted_level = torch.zeros_like(order)
         for level, bound in reversed(list(enumerate(config.thresholds, 1))):
             sorted_level = torch.where(before < bound - 1e-12, level, sorted_level)
@@ -209,9 +219,9 @@ def psa_attention(
         perm = gilbert_order(grid, q.device)
         q, k, v = (x.index_select(2, perm) for x in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if k.shape[1] != q.shape[1]:
-        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
-    levels = psa_levels(q, k, config, scale)
+    # the levels are per query head; the kernels read the shared key/value heads themselves (GQA)
+    k_heads = k if k.shape[1] == q.shape[1] else k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    levels = psa_levels(q, k_heads, config, scale)
     s, bq, bk = q.shape[2], config.block_q, config.block_k
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not needs_grad and resolve_backend(backend, q.device, needs_grad=False, needs_lse=True) == "triton":

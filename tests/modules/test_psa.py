@@ -139,15 +139,6 @@ def test_bad_configs_name_the_field(kwargs, field):
         PSAConfig(**kwargs)
 
 
-def test_module_forms():
-    import vzoo
-
-    q = torch.randn(1, 2, 4 * 8 * 8, 16)
-    cfg = PSAConfig(block_q=32, block_k=32)
-    torch.testing.assert_close(vzoo.PyramidSparseAttention(cfg)(q, q, q, (4, 8, 8)), psa_attention(q, q, q, (4, 8, 8), cfg))
-    vcfg = vzoo.VMoBAConfig()
-    torch.testing.assert_close(vzoo.VMoBAAttention(1, vcfg)(q, q, q, (4, 8, 8)), vzoo.vmoba_attention(q, q, q, (4, 8, 8), 1, vcfg))
-
 
 def test_presets_and_grid_check():
     assert PSAConfig.preset("balanced").thresholds == (0.5, 0.6, 0.7, 0.8)
