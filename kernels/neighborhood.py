@@ -11,6 +11,8 @@ Layout (NATTEN's, heads first): ``attn [B, G, H, W, k*k]`` with tap ``t = a * k 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .backends import resolve_backend
@@ -26,8 +28,13 @@ def neighborhood_window_start(length: int, kernel_size: int, device: torch.devic
 
 def neighborhood_rpb_index(kernel_size: int, height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Indices ``[H, W, k*k]`` into a flattened ``(2k-1) x (2k-1)`` relative-position-bias table for each
-    pixel's taps, border-aware like the windows: index ``(key - query) + (k - 1)`` per axis."""
-    k = kernel_size
+    pixel's taps, border-aware like the windows: index ``(key - query) + (k - 1)`` per axis. Cached per
+    shape and device (every block of a stage asks for the same); do not modify it in place."""
+    return _rpb_index(kernel_size, height, width, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _rpb_index(k: int, height: int, width: int, device: torch.device) -> torch.Tensor:
     taps = torch.arange(k, device=device)
     dy = neighborhood_window_start(height, k, device)[:, None] + taps - torch.arange(height, device=device)[:, None] + k - 1
     dx = neighborhood_window_start(width, k, device)[:, None] + taps - torch.arange(width, device=device)[:, None] + k - 1

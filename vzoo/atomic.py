@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "write_json_atomic"]
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -19,3 +20,8 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(obj: object, path: str | Path) -> None:
+    """``obj`` as indented JSON at ``path``, atomically."""
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))

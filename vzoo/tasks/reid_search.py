@@ -3,12 +3,11 @@ against validation mAP (table, JSON and PNG), to re-derive where attention pays 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from vzoo.atomic import write_atomic
+from vzoo.atomic import write_atomic, write_json_atomic
 
 from .reid import reid_run
 from .trainer import TrainSettings, train
@@ -37,7 +36,7 @@ def search(model: str, data: str | Path, placements: list[str], *, epochs: int, 
         metrics = train(run, TrainSettings(epochs=epochs, out=out / placement.replace(":", "_").replace(",", "-"), lr=lr, eval_every=epochs))
         rows.append(dict(placement=placement, params_m=params, ms_per_image=_infer_ms(run.model, size), **metrics))
         print(f"{placement:<16} {params:6.2f}M params  {rows[-1]['ms_per_image']:7.2f} ms/image  mAP {metrics['mAP']:.3f}  rank1 {metrics['rank1']:.3f}")
-    write_atomic(out / "search.json", lambda tmp: tmp.write_text(json.dumps(rows, indent=1)))
+    write_json_atomic(rows, out / "search.json")
     _plot(rows, out / "search.png")
     return rows
 

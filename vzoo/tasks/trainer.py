@@ -9,7 +9,6 @@ batch), so a step of a 2-process run covers two batches.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from vzoo.atomic import write_atomic
+from vzoo.atomic import write_atomic, write_json_atomic
 
 __all__ = ["TaskRun", "TrainSettings", "train", "save_atomic", "load_checkpoint"]
 
@@ -60,10 +59,6 @@ class TrainSettings:
 def save_atomic(obj, path: Path) -> None:
     """``torch.save`` that never leaves a half-written file."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _write_json_atomic(obj, path: Path) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -151,7 +146,7 @@ def train(run: TaskRun, settings: TrainSettings) -> dict:
         if rank == 0:
             metrics = run.evaluate(model, device)
             history.append(dict(epoch=epoch, step=step, **metrics))
-            _write_json_atomic(dict(history=history, final=metrics, steps=step, world_size=world), out / "metrics.json")
+            write_json_atomic(dict(history=history, final=metrics, steps=step, world_size=world), out / "metrics.json")
             _plot(history, out / "curves.png")
         if world > 1:
             dist.barrier()
@@ -171,9 +166,10 @@ def train(run: TaskRun, settings: TrainSettings) -> dict:
             schedule.step()
             step += 1
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if rank == 0 and step % 10 == 0:
-                history.append(dict(epoch=epoch, step=step, loss=loss.item()))
+            if rank == 0 and step % 10 == 0:  # one host sync every 10 steps, not two every step
+                value = loss.item()
+                bar.set_postfix(loss=f"{value:.3f}")
+                history.append(dict(epoch=epoch, step=step, loss=value))
             if settings.ckpt_every and step % settings.ckpt_every == 0:
                 checkpoint()
             if settings.stop_after and step - started >= settings.stop_after:
