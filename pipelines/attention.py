@@ -52,23 +52,23 @@ def video_attention(
     n_text = s - n_video
     if n_text < 0 or k.shape[2] != s:
         raise Unsupported(f"{s} tokens do not hold the latent grid {grid} ({n_video} tokens)")
-    if k.shape[1] != h:
-        k, v = (x.repeat_interleave(h // x.shape[1], 1) for x in (k, v))
     scale = d**-0.5 if scale is None else scale
     keep = _key_mask(attn_mask, b, s)
     video = slice(n_text, s) if text_first else slice(0, n_video)
     text = slice(0, n_text) if text_first else slice(n_video, s)
     if keep is not None and not bool(keep[..., video].all()):
         raise Unsupported("the attention mask hides video tokens")
-    method = vmoba_attention if isinstance(config, VMoBAConfig) else psa_attention
-    qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
-    args = (grid, layer_idx, config) if isinstance(config, VMoBAConfig) else (grid, config)
+    qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]  # GQA stays unexpanded: the methods handle it
+    if isinstance(config, VMoBAConfig):
+        method, args = vmoba_attention, (grid, layer_idx, config)
+    else:
+        method, args = psa_attention, (grid, config)
     out_v, lse_v, density = method(qv, kv, vv, *args, scale=scale, return_lse=True, return_density=True)
     if n_text == 0:
         return out_v, density
     keep_text = torch.ones((), dtype=torch.bool, device=q.device) if keep is None else keep[..., text]
     out_t, lse_t = dense_attention(qv, k[:, :, text], v[:, :, text], keep_text, scale)  # a few text keys: exact and small
     out_v = merge_attention_states([out_v, out_t], [lse_v, lse_t])[0]
-    text_out = F.scaled_dot_product_attention(q[:, :, text], k, v, attn_mask=keep, scale=scale)
+    text_out = F.scaled_dot_product_attention(q[:, :, text], k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[1] != h)
     parts = [text_out, out_v] if text_first else [out_v, text_out]
     return torch.cat(parts, 2), density

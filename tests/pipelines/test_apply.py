@@ -104,6 +104,18 @@ def test_pipelines_end_to_end_with_dense_warmup(family_name):
     assert torch.equal(run(), stock)
 
 
+@pytest.mark.parametrize("config", [SPARSE_VMOBA, SPARSE_PSA], ids=["vmoba", "psa"])
+def test_gqa_video_attention_equals_expanded_heads(config):
+    """Key/value heads shared by groups of query heads give what expanding them first gives (text after video)."""
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 4, 134, 16), torch.randn(1, 2, 134, 16), torch.randn(1, 2, 134, 16)
+    kw = dict(grid=(2, 8, 8), layer_idx=1, config=config, text_first=False)
+    got, density = video_attention(q, k, v, None, None, **kw)
+    want, want_density = video_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), None, None, **kw)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert density == want_density
+
+
 def test_bad_use_raises():
     model, inputs = tiny.wan()
     with pytest.raises(ValueError, match="method='sparse'"):
