@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,13 +10,9 @@ import torch
 from vzoo.cli import main
 from vzoo.tasks.detection import TimmFPNBackbone, build_detector, read_coco
 
-_spec = importlib.util.spec_from_file_location("synthetic", Path(__file__).with_name("synthetic.py"))
-synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synthetic)
-
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
+def shapes(tmp_path_factory, synthetic):
     return synthetic.make_shapes(tmp_path_factory.mktemp("shapes"), images=60)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +14,6 @@ from vzoo import SentenceAttentionBlock
 from vzoo.cli import main
 from vzoo.tasks.grounding import GroundingModel, HashingTextEncoder, evidence_iou, read_grounding
 from vzoo.tasks.trainer import load_checkpoint
-
-_spec = importlib.util.spec_from_file_location("synthetic", Path(__file__).with_name("synthetic.py"))
-synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synthetic)
 
 
 def test_sentence_attention_block_formula():
@@ -57,7 +52,7 @@ def test_hashing_encoder_and_iou():
 
 
 @pytest.mark.slow
-def test_learns_the_question_dependent_region(tmp_path, capsys):
+def test_learns_the_question_dependent_region(tmp_path, capsys, synthetic):
     data = synthetic.make_grounding(tmp_path / "data")
     main(["train", "ground", "--model", "resnet18", "--data", str(data), "--epochs", "20", "--batch-size", "8", "--out", str(tmp_path / "out"),
           "--image-size", "64", "64", "--eval-every", "20", "--lr", "1e-3", "--text-encoder", "hash"])
@@ -81,7 +76,7 @@ def test_learns_the_question_dependent_region(tmp_path, capsys):
     assert inter / union < 0.3
 
 
-def test_any_callable_encodes_questions_and_minilm_error_is_clear(tmp_path):
+def test_any_callable_encodes_questions_and_minilm_error_is_clear(tmp_path, synthetic):
     from vzoo.tasks.grounding import grounding_run, minilm_encoder
 
     data = synthetic.make_grounding(tmp_path, samples=10)

@@ -3,12 +3,10 @@ cases, learning on synthetic identities, resume and 2-process torchrun."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +14,9 @@ import torch
 from vzoo.cli import main
 from vzoo.tasks.reid import PKSampler, ReIDImages, batch_hard_triplet_loss, evaluate_rank, read_market1501
 
-_spec = importlib.util.spec_from_file_location("synthetic", Path(__file__).with_name("synthetic.py"))
-synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synthetic)
-
 
 @pytest.fixture(scope="module")
-def market(tmp_path_factory):
+def market(tmp_path_factory, synthetic):
     return synthetic.make_market(tmp_path_factory.mktemp("market"))
 
 
@@ -95,7 +89,7 @@ ARGS = ["--model", "resnet18", "--batch-size", "32", "--image-size", "64", "32",
 
 
 @pytest.mark.slow
-def test_learns_identities_and_not_shuffled_ones(market, tmp_path, capsys):
+def test_learns_identities_and_not_shuffled_ones(market, tmp_path, capsys, synthetic):
     """20 synthetic identities, 3 cameras: mAP >= 0.8 on unseen identities; labels shuffled: near chance."""
     main(["train", "reid", "--data", str(market), "--epochs", "300", "--eval-every", "300", "--out", str(tmp_path / "a"), *ARGS])
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())

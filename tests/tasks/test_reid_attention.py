@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import timm
@@ -13,10 +11,6 @@ import torch.nn.functional as F
 
 from vzoo.cli import main
 from vzoo.reid_attention import LiteAttention, insert_attention, parse_placement
-
-_spec = importlib.util.spec_from_file_location("synthetic", Path(__file__).with_name("synthetic.py"))
-synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synthetic)
 
 
 def test_lite_attention_formula():
@@ -51,7 +45,7 @@ def test_placement_errors():
         insert_attention(timm.create_model("resnet18"), "lite", (9,))
 
 
-def test_reid_search_writes_table_json_and_png(tmp_path, capsys):
+def test_reid_search_writes_table_json_and_png(tmp_path, capsys, synthetic):
     data = synthetic.make_market(tmp_path / "market", identities=12, per_id=6)
     main(["reid-search", "--model", "resnet18", "--data", str(data), "--epochs", "2", "--batch-size", "16", "--image-size", "64", "32",
           "--out", str(tmp_path / "out"), "--placements", "none", "lite:4"])
