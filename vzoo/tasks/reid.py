@@ -236,8 +236,8 @@ def reid_run(model_name: str, data: str | Path, batch_size: int, size: tuple[int
 
     def batches(epoch: int) -> list[list[int]]:
         sampler.set_epoch(epoch)
-        order = list(sampler)
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        order, size = list(sampler), sampler.p * sampler.k  # whole P x K groups, even when batch_size is not a multiple of K
+        return [order[i : i + size] for i in range(0, len(order), size)]
 
     def load(indices: list[int]):
         items = [images[i] for i in indices]
