@@ -30,15 +30,20 @@ def neighborhood_rpb_index(kernel_size: int, height: int, width: int, device: to
     """Indices ``[H, W, k*k]`` into a flattened ``(2k-1) x (2k-1)`` relative-position-bias table for each
     pixel's taps, border-aware like the windows: index ``(key - query) + (k - 1)`` per axis. Cached per
     shape and device (every block of a stage asks for the same); do not modify it in place."""
-    return _rpb_index(kernel_size, height, width, torch.device(device) if device is not None else torch.device("cpu"))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if torch.compiler.is_compiling():  # a traced graph builds it inline (Dynamo would bypass the cache)
+        return _rpb_index(kernel_size, height, width, device)
+    return _cached_rpb_index(kernel_size, height, width, device)
 
 
-@functools.lru_cache(maxsize=64)
 def _rpb_index(k: int, height: int, width: int, device: torch.device) -> torch.Tensor:
     taps = torch.arange(k, device=device)
     dy = neighborhood_window_start(height, k, device)[:, None] + taps - torch.arange(height, device=device)[:, None] + k - 1
     dx = neighborhood_window_start(width, k, device)[:, None] + taps - torch.arange(width, device=device)[:, None] + k - 1
     return (dy[:, None, :, None] * (2 * k - 1) + dx[None, :, None, :]).reshape(height, width, k * k)
+
+
+_cached_rpb_index = functools.lru_cache(maxsize=64)(_rpb_index)
 
 
 def _check(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
