@@ -6,5 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 pip install -q -e ".[test]"
+pytest -q -m gpu tests/kernels/test_gpu.py -k "block_sparse or token_routed or sink_window or garbage" -x
 pytest -q tests/lm tests/kernels/test_window.py tests/kernels/test_block_sparse.py -x
 python benchmarks/lm.py --device cuda --dtype bfloat16 --tokens 32768 65536 131072 --repeats 5

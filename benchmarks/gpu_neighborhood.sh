@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 pip install -q -e ".[test]"
+pytest -q -m gpu tests/kernels/test_gpu.py -k neighborhood -x
 pytest -q tests/kernels/test_neighborhood.py tests/backbones/test_overlock.py -x
 python - <<'PY'
 import torch

@@ -68,7 +68,9 @@ def _flex_reason(device: torch.device, needs_grad: bool, needs_lse: bool) -> str
 def backend_status(
     device: torch.device | str = "cpu", *, needs_grad: bool = False, needs_lse: bool = False
 ) -> dict[str, str | None]:
-    """For each backend, ``None`` if it can run here, else the reason it cannot."""
+    """For each backend, ``None`` if it can run here, else the reason it cannot. ``needs_grad``: a
+    backward pass will follow (grad mode is on and an input requires grad); the ops decide the same way,
+    so a backend reported runnable runs (flex under ``torch.no_grad()`` detaches leaves that require grad)."""
     device = torch.device(device)
     return {
         "reference": None,

@@ -8,12 +8,10 @@ keeps only ``chunk x Skv`` scores at a time (the ``Sq x Skv`` attention matrix i
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .backends import resolve_backend
-from .block_sparse import check_int, check_key_mask, check_qkv
+from .block_sparse import check_flag, check_int, check_key_mask, check_qkv, resolve_scale
 from .reference import visible_at
 
 __all__ = ["attention_block_max"]
@@ -66,10 +64,15 @@ def attention_block_max(
     check_qkv(q, k, k)
     check_key_mask(key_mask, k)
     check_int("block", block, 1)
+    check_flag("causal", causal)
+    scale = resolve_scale(scale, q.shape[-1])
     name = resolve_backend(backend, q.device, needs_grad=False, needs_lse=False, supports=("reference", "torch"))
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     b, hq, sq, d = q.shape
     hkv, skv = k.shape[1], k.shape[2]
+    if sq == 0 or skv == 0:
+        raise ValueError(f"attention_block_max needs queries and keys, got Sq={sq}, Skv={skv}")
+    if causal and sq > skv:
+        raise ValueError(f"causal attention_block_max needs Sq <= Skv (queries are the last keys), got Sq={sq} > Skv={skv}")
     g = hq // hkv
     shift = skv - sq
     key_pos = torch.arange(skv, device=q.device)

@@ -8,13 +8,14 @@ ProxyAttn and LongGen (see ``shared/specs/kernels.md`` §6). Semantics follow
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
 
 from .backends import resolve_backend
 from .layout import BlockSparseLayout
-from .reference import dense_attention, layout_token_mask
+from .reference import all_finite, dense_attention, layout_token_mask
 
 __all__ = ["block_sparse_attention"]
 
@@ -42,6 +43,45 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"head dims differ: q has {q.shape[3]}, k has {k.shape[3]}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if q.shape[3] == 0:
+        raise ValueError("head dim D=0: q, k, v need at least one feature")
+    # The one cheap finiteness check: every query is used. Keys and values are not checked, since
+    # those a query cannot see (padding, unselected blocks, empty cache slots) may hold anything.
+    if not torch.compiler.is_compiling() and not all_finite(q):
+        raise ValueError("q contains NaN or Inf")
+
+
+def check_flag(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a bool (``causal="no"`` must not read as True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a bool")
+
+
+def resolve_scale(scale: object, dim: int) -> float:
+    """The softmax scale: ``1/sqrt(dim)`` for ``None``, else ``scale`` checked to be a finite number."""
+    if scale is None:
+        return 1.0 / math.sqrt(dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale={scale!r} must be a finite number (or None for 1/sqrt(D))")
+    return float(scale)
+
+
+class _Empty(torch.autograd.Function):
+    """Attention over no key: zeros and ``lse = -inf``, connected to the graph (zero gradients)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.like = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return q.new_zeros(q.shape), torch.full(q.shape[:3], float("-inf"), device=q.device)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like)
+
+
+def empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out [B, Hq, Sq, D]`` zeros and ``lse [B, Hq, Sq]`` -inf for problems where no query sees a key."""
+    return _Empty.apply(q, k, v)
 
 
 def check_layout(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -115,12 +155,13 @@ def run_attention(
     dense ``[B, Hl, Sq, Skv]`` mask the reference backend uses instead of the layout's; ``window``
     and ``sink`` add the token rule of :func:`~vzoo.kernels.reference.visible_keys` (0: no window);
     ``key_mask [B, Skv]`` (bool) hides the keys it marks False."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    scale = resolve_scale(scale, q.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=return_lse)
     if q.numel() == 0 or k.shape[2] == 0:
-        out = q.new_zeros(q.shape)
-        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+        out, lse = empty_attention(q, k, v)
         return (out, lse) if return_lse else out
     if name == "reference":
         allowed = layout_token_mask(layout, token_mask, causal, window, sink) if reference_mask is None else reference_mask()
@@ -176,6 +217,9 @@ def block_sparse_attention(
     Returns:
         ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse`` also ``lse [B, Hq, Sq]`` fp32,
         natural log. Rows that select nothing give zeros and ``lse = -inf``.
+
+    ``q`` must be finite (``ValueError``). Keys and values a query cannot see may hold anything (NaN
+    included) and never reach its output or gradients; a non-finite one it sees makes its row NaN.
     """
     check_qkv(q, k, v)
     check_layout(layout, q, k)

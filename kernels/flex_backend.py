@@ -13,7 +13,7 @@ import torch
 
 from .block_sparse import broadcast_heads
 from .layout import BlockSparseLayout
-from .reference import token_block_mask
+from .reference import nonfinite_rows, token_block_mask
 
 __all__ = ["attend"]
 
@@ -40,6 +40,8 @@ def attend(
     key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention through FlexAttention (``layout`` with ``Hl`` in ``{1, Hkv, Hq}``)."""
+    if not torch.is_grad_enabled():  # FlexAttention refuses CPU leaves that require grad, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     layout, token_mask = broadcast_heads(layout, token_mask, q, k)
     hq, hu = q.shape[1], layout.num_heads
     if hu != hq:  # a GQA group shares its row list: FlexAttention wants one per query head
@@ -68,7 +70,15 @@ def attend(
 
     ruled = chose is not None or causal or window or key_mask is not None
     block_mask = layout.to_flex_block_mask(mask_mod if ruled else None)
+    bad, score_mod, group = nonfinite_rows(k, v), None, hq // k.shape[1]
+    if bad is not None:  # zero keys holding NaN / Inf; their logit is NaN where visible (the mask hides the rest)
+        k, v = k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(bad[b, h // group, kv_idx], float("nan"), score)
+
     result = _compiled()(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=hq != k.shape[1], return_lse=need_lse
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=hq != k.shape[1],
+        return_lse=need_lse,
     )
     return result if need_lse else (result, None)

@@ -26,6 +26,26 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+_SIGNED_INTS = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_sizes(where: str, **sizes: object) -> None:
+    """Raise ``ValueError`` unless every block size is an int >= 1 and every length an int >= 0 (bools
+    are not sizes)."""
+    for name, value in sizes.items():
+        low = 1 if name.startswith("block") else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{where}.{name}={value!r}: must be an int >= {low}")
+
+
+def check_ids(name: str, ids: object, dims: int) -> None:
+    """Raise ``ValueError`` unless ``ids`` is a signed-integer tensor of ``dims`` dims (bool and unsigned
+    tensors are refused: -1, "unused", does not exist there)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != dims or ids.dtype not in _SIGNED_INTS:
+        got = f"{ids.dtype} tensor of {ids.dim()} dims" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{name} must be a signed integer tensor of {dims} dims, got {got}")
+
+
 @dataclass(frozen=True, eq=False)
 class BlockSparseLayout:
     """Which key blocks each query block attends to.
@@ -49,11 +69,7 @@ class BlockSparseLayout:
     kv_len: int
 
     def __post_init__(self) -> None:
-        for name in ("block_m", "block_n", "q_len", "kv_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if "block" in name else 0):
-                allowed = "a positive int" if "block" in name else "a non-negative int"
-                raise ValueError(f"BlockSparseLayout.{name}={value!r}: must be {allowed}")
+        _check_sizes("BlockSparseLayout", block_m=self.block_m, block_n=self.block_n, q_len=self.q_len, kv_len=self.kv_len)
         num, idx = self.kv_num_blocks, self.kv_indices
         for name, t, dim in (("kv_num_blocks", num, 3), ("kv_indices", idx, 4)):
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dim:
@@ -65,6 +81,8 @@ class BlockSparseLayout:
             )
         if num.device != idx.device:
             raise ValueError(f"BlockSparseLayout: kv_num_blocks on {num.device} but kv_indices on {idx.device}")
+        if idx.device.type == "meta":
+            raise ValueError("BlockSparseLayout: tensors on the meta device hold no block ids; build it on a real device")
         if num.shape[2] != self.num_q_blocks:
             raise ValueError(
                 f"BlockSparseLayout: {num.shape[2]} query-block rows, but q_len={self.q_len} with "
@@ -135,6 +153,7 @@ class BlockSparseLayout:
         """Build from a dense bool ``mask [B, Hl, NQB, NKB]`` (True = the query block attends the key block)."""
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
             raise ValueError("from_block_mask: mask must be a bool tensor [B, Hl, NQB, NKB]")
+        _check_sizes("from_block_mask", block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)
         nqb, nkb = _cdiv(q_len, block_m), _cdiv(kv_len, block_n)
         if mask.shape[2:] != (nqb, nkb):
             raise ValueError(
@@ -161,20 +180,23 @@ class BlockSparseLayout:
     ) -> BlockSparseLayout:
         """Build from chosen key-block ids ``indices [B, Hl, NQB, K]`` in any order.
 
-        ``counts [B, Hl, NQB]`` keeps only the first ``counts`` entries of each row; -1 entries are
-        ignored. Duplicates are merged. Ids outside ``[0, NKB)`` raise ``ValueError``.
+        ``counts [B, Hl, NQB]`` (integer) keeps only the first ``counts`` entries of each row; -1 entries
+        are ignored. Duplicates are merged. Ids outside ``[0, NKB)`` (other than -1) raise ``ValueError``.
         """
-        if not isinstance(indices, torch.Tensor) or indices.dim() != 4 or indices.is_floating_point():
-            raise ValueError("from_topk: indices must be an integer tensor [B, Hl, NQB, K]")
+        check_ids("from_topk: indices [B, Hl, NQB, K]", indices, 4)
+        _check_sizes("from_topk", block_m=block_m, block_n=block_n, q_len=q_len, kv_len=kv_len)
         nkb = _cdiv(kv_len, block_n)
         idx = indices.long()
         keep = idx >= 0
         if counts is not None:
+            check_ids("from_topk: counts", counts, 3)
             if counts.shape != indices.shape[:3]:
                 raise ValueError(f"from_topk: counts {tuple(counts.shape)} must be {tuple(indices.shape[:3])}")
             keep &= torch.arange(idx.shape[-1], device=idx.device) < counts[..., None].long()
-        if bool((idx[keep] >= nkb).any()):
-            raise ValueError(f"from_topk: block ids must lie in [0, {nkb}) (kv_len={kv_len}, block_n={block_n})")
+        if bool((idx[keep] >= nkb).any() | (idx < -1).any()):
+            raise ValueError(
+                f"from_topk: indices must lie in [0, {nkb}) or be -1 (kv_len={kv_len}, block_n={block_n})"
+            )
         return cls.from_block_mask(ids_to_mask(idx, keep, nkb), block_m, block_n, q_len, kv_len)
 
     @classmethod
@@ -201,12 +223,12 @@ class BlockSparseLayout:
 
         and, when ``causal``, only if ``j <= c_i``.
         """
-        for name, value in (("sink_blocks", sink_blocks), ("local_blocks", local_blocks), ("stride", stride)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"static: {name}={value!r} must be a non-negative int")
-        for name, value in (("block_m", block_m), ("block_n", block_n)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"static: {name}={value!r} must be a positive int")
+        _check_sizes(
+            "static", q_len=q_len, kv_len=kv_len, block_m=block_m, block_n=block_n, sink_blocks=sink_blocks,
+            local_blocks=local_blocks, stride=stride,
+        )
+        if not isinstance(causal, bool):
+            raise ValueError(f"static: causal={causal!r} must be a bool")
         nqb, nkb = _cdiv(q_len, block_m), _cdiv(kv_len, block_n)
         i = torch.arange(nqb, device=device)
         j = torch.arange(nkb, device=device)

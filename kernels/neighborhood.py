@@ -17,29 +17,44 @@ import torch
 
 from .backends import resolve_backend
 
-__all__ = ["neighborhood_aggregate", "neighborhood_window_start", "neighborhood_rpb_index"]
+__all__ = [
+    "neighborhood_aggregate", "neighborhood_aggregate_plain", "neighborhood_rpb_index", "neighborhood_window_start",
+    "neighborhood_windows",
+]
 
 
-def neighborhood_window_start(length: int, kernel_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+def neighborhood_window_start(length: int, kernel_size: int, device: torch.device | None = None) -> torch.Tensor:
     """First window position of every index ``[length]``: ``clamp(i - k // 2, 0, length - k)``."""
     i = torch.arange(length, device=device)
     return (i - kernel_size // 2).clamp(0, length - kernel_size)
 
 
-def neighborhood_rpb_index(kernel_size: int, height: int, width: int, device: torch.device | str | None = None) -> torch.Tensor:
+def neighborhood_windows(length: int, kernel_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """``[length, k]``: the positions each index's window covers (shifted inside the map, never padded)."""
+    return neighborhood_window_start(length, kernel_size, device)[:, None] + torch.arange(kernel_size, device=device)
+
+
+def neighborhood_rpb_index(kernel_size: int, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
     """Indices ``[H, W, k*k]`` into a flattened ``(2k-1) x (2k-1)`` relative-position-bias table for each
     pixel's taps, border-aware like the windows: index ``(key - query) + (k - 1)`` per axis. Cached per
-    shape and device (every block of a stage asks for the same); do not modify it in place."""
+    shape and device in eager mode (every block of a stage asks for the same); do not modify it in place.
+    TorchScript compiles it (uncached)."""
+    if torch.jit.is_scripting():
+        return _rpb_index(kernel_size, height, width, device)
+    return _eager_rpb_index(kernel_size, height, width, device)
+
+
+@torch.jit.unused
+def _eager_rpb_index(kernel_size: int, height: int, width: int, device: torch.device | None) -> torch.Tensor:
     device = torch.device(device) if device is not None else torch.device("cpu")
     if torch.compiler.is_compiling():  # a traced graph builds it inline (Dynamo would bypass the cache)
         return _rpb_index(kernel_size, height, width, device)
     return _cached_rpb_index(kernel_size, height, width, device)
 
 
-def _rpb_index(k: int, height: int, width: int, device: torch.device) -> torch.Tensor:
-    taps = torch.arange(k, device=device)
-    dy = neighborhood_window_start(height, k, device)[:, None] + taps - torch.arange(height, device=device)[:, None] + k - 1
-    dx = neighborhood_window_start(width, k, device)[:, None] + taps - torch.arange(width, device=device)[:, None] + k - 1
+def _rpb_index(k: int, height: int, width: int, device: torch.device | None) -> torch.Tensor:
+    dy = neighborhood_windows(height, k, device) - torch.arange(height, device=device)[:, None] + k - 1  # [H, k]
+    dx = neighborhood_windows(width, k, device) - torch.arange(width, device=device)[:, None] + k - 1  # [W, k]
     return (dy[:, None, :, None] * (2 * k - 1) + dx[None, :, None, :]).reshape(height, width, k * k)
 
 
@@ -68,11 +83,25 @@ def _check(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> None:
 def _reference(attn: torch.Tensor, value: torch.Tensor, k: int) -> torch.Tensor:
     """Gather every pixel's k*k window (a k*k-fold copy, as an unfold does), then weight and sum."""
     b, g, h, w, d = value.shape
-    rows = neighborhood_window_start(h, k, value.device)[:, None] + torch.arange(k, device=value.device)  # [H, k]
-    cols = neighborhood_window_start(w, k, value.device)[:, None] + torch.arange(k, device=value.device)  # [W, k]
+    rows, cols = neighborhood_windows(h, k, value.device), neighborhood_windows(w, k, value.device)  # [H, k], [W, k]
     src = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(-1)  # [H * W * k * k]
     windows = value.float().flatten(2, 3)[:, :, src].view(b, g, h, w, k * k, d)
     return torch.einsum("bghwt,bghwtd->bghwd", attn.float(), windows).to(value.dtype)
+
+
+def neighborhood_aggregate_plain(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """:func:`neighborhood_aggregate` in plain torch ops, for TorchScript and export: a loop over the ``k*k``
+    taps adding ``attn[..., t] * value`` at the tap's shifted rows and columns (fp32 accumulation, one
+    map-sized copy per tap, autograd through the ops). Shapes are not checked here."""
+    k = kernel_size
+    v = value.float()
+    rows, cols = neighborhood_windows(v.shape[2], k, v.device), neighborhood_windows(v.shape[3], k, v.device)
+    out = torch.zeros_like(v)
+    for a in range(k):
+        v_rows = v.index_select(2, rows[:, a])
+        for c in range(k):
+            out = out + attn[..., a * k + c, None].float() * v_rows.index_select(3, cols[:, c])
+    return out.to(value.dtype)
 
 
 def _regions(width: int, k: int) -> list[slice]:
@@ -159,7 +188,8 @@ def neighborhood_aggregate(
             kernels, deterministic backward without atomics; on CPU only under ``TRITON_INTERPRET=1``).
 
     Returns:
-        ``[B, G, H, W, D]`` in ``value.dtype`` (fp32 accumulation).
+        ``[B, G, H, W, D]`` in ``value.dtype`` (fp32 accumulation). Every tap is read, so NaN or Inf in
+        ``attn`` or ``value`` reaches the outputs whose windows hold it (not checked, as in a convolution).
     """
     _check(attn, value, kernel_size)
     needs_grad = torch.is_grad_enabled() and (attn.requires_grad or value.requires_grad)

@@ -1,6 +1,11 @@
 """Reference backend: dense masked attention in fp32. The ground truth every other backend is tested against.
 
 It materialises the full ``[B, H, Sq, Skv]`` score matrix; use it on small inputs only.
+
+Keys and values a query cannot see never reach its output or gradients, whatever they hold: every
+backend zeroes the key/value rows that hold NaN or Inf (:func:`nonfinite_rows`) and gives their logit
+NaN where it is visible, so a query that sees such a key gets NaN (as SDPA would) and no other does
+(a masked probability times a NaN value would otherwise be NaN).
 """
 
 from __future__ import annotations
@@ -9,7 +14,25 @@ import torch
 
 from .layout import BlockSparseLayout, ids_to_mask
 
-__all__ = ["dense_attention", "layout_token_mask", "token_block_mask", "visible_at", "visible_keys"]
+__all__ = [
+    "all_finite", "dense_attention", "layout_token_mask", "nonfinite_rows", "token_block_mask", "visible_at",
+    "visible_keys",
+]
+
+
+def all_finite(*xs: torch.Tensor) -> bool:
+    """Whether every entry is finite, in one host sync. An fp32 sum is finite iff no entry is NaN or Inf
+    unless it overflows; only then are the entries checked one by one (``isfinite`` is 100x slower on CPU)."""
+    total = sum(x.sum(dtype=torch.float32) for x in xs)
+    return bool(torch.isfinite(total)) or all(bool(torch.isfinite(x).all()) for x in xs)
+
+
+def nonfinite_rows(k: torch.Tensor, v: torch.Tensor, sync: bool = True) -> torch.Tensor | None:
+    """bool ``[B, Hkv, Skv]``: the keys whose key or value row holds NaN or Inf. With ``sync`` (one host
+    sync) ``None`` when there is none, so the common, finite case costs two sums."""
+    if sync and all_finite(k, v):
+        return None
+    return ~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))
 
 
 def dense_attention(
@@ -22,10 +45,11 @@ def dense_attention(
     allowed key give zeros and ``lse = -inf``. Differentiable.
     """
     group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, dim=1)
-    vf = v.float().repeat_interleave(group, dim=1)
+    bad = nonfinite_rows(k, v, sync=False).repeat_interleave(group, dim=1)[:, :, None, :]  # [B, Hq, 1, Skv]
+    kf = k.float().repeat_interleave(group, dim=1).masked_fill(bad.transpose(-1, -2), 0.0)
+    vf = v.float().repeat_interleave(group, dim=1).masked_fill(bad.transpose(-1, -2), 0.0)
     scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), kf) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = scores.masked_fill(bad, float("nan")).masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     dead = torch.isinf(lse)[..., None]
     probs = torch.where(dead, 0.0, torch.exp(scores - torch.where(dead, 0.0, lse[..., None])))

@@ -17,9 +17,9 @@ import math
 import torch
 
 from .backends import resolve_backend
-from .block_sparse import check_key_mask, check_qkv, run_attention
-from .layout import BlockSparseLayout, ids_to_mask
-from .reference import dense_attention
+from .block_sparse import check_flag, check_int, check_key_mask, check_qkv, empty_attention, resolve_scale, run_attention
+from .layout import BlockSparseLayout, check_ids, ids_to_mask
+from .reference import dense_attention, visible_keys
 
 __all__ = ["token_routed_attention"]
 
@@ -47,6 +47,7 @@ def token_routed_attention(
     backend: str | None = None,
     tile: int = 64,
     key_mask: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query token over the key blocks it was routed to.
 
@@ -60,19 +61,24 @@ def token_routed_attention(
             ``j <= i + Skv - Sq``), applied inside the chosen blocks.
         tile: query tile (tokens) whose union of routed blocks forms one layout row.
         key_mask: bool ``[B, Skv]``; keys marked False are hidden from every query (padding).
+        window: token-level sliding window inside the chosen blocks: the query at position ``p``
+            (bottom-right aligned) keeps keys ``j > p - window`` only (a model's sliding-window layers).
 
     Returns:
         ``out [B, Hq, Sq, D]``; with ``return_lse`` also ``lse [B, Hq, Sq]`` fp32. A token routed to
-        no visible key gets zeros and ``lse = -inf``.
+        no visible key gets zeros and ``lse = -inf``. Keys a token did not choose, or cannot see, may
+        hold anything (NaN included) without reaching its output; ``q`` must be finite.
     """
     check_qkv(q, k, v)
     check_key_mask(key_mask, k)
-    if not isinstance(block_n, int) or block_n < 1:
-        raise ValueError(f"block_n={block_n!r} must be a positive int")
-    if not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"tile={tile!r} must be a positive int")
-    if not isinstance(block_idx, torch.Tensor) or block_idx.dim() != 4 or block_idx.is_floating_point():
-        raise ValueError("block_idx must be an integer tensor [B, Hl, Sq, K]")
+    check_int("block_n", block_n, 1)
+    check_int("tile", tile, 1)
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    scale = resolve_scale(scale, q.shape[-1])
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise ValueError(f"window={window!r} must be None or an int >= 1")
+    check_ids("block_idx [B, Hl, Sq, K]", block_idx, 4)
     b, hq, sq, _ = q.shape
     hkv, skv = k.shape[1], k.shape[2]
     bi, hl, si, _ = block_idx.shape
@@ -86,13 +92,16 @@ def token_routed_attention(
     nkb = -(-skv // block_n)
     if bool((block_idx >= nkb).any()) or bool((block_idx < -1).any()):
         raise ValueError(f"block_idx entries must lie in [0, {nkb}) (or -1 for unused), Skv={skv}, block_n={block_n}")
-    if isinstance(block_cnt, torch.Tensor) and block_cnt.shape not in (block_idx.shape[:3],):
-        raise ValueError(f"block_cnt shape {tuple(block_cnt.shape)} must be {tuple(block_idx.shape[:3])}")
+    if isinstance(block_cnt, torch.Tensor):
+        check_ids("block_cnt", block_cnt, 3)
+        if block_cnt.shape != block_idx.shape[:3]:
+            raise ValueError(f"block_cnt shape {tuple(block_cnt.shape)} must be {tuple(block_idx.shape[:3])}")
+    elif block_cnt is not None:
+        check_int("block_cnt", block_cnt, 0)
 
     chosen = _routing_mask(block_idx, block_cnt, nkb)  # [B, Hl, Sq, NKB]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not causal and resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=return_lse) == "torch":
-        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not causal and window is None and resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=return_lse) == "torch":
         out, lse = _per_key_block(q, k, v, chosen, block_n, scale, key_mask)
         return (out, lse) if return_lse else out
     ntiles = -(-sq // tile)
@@ -106,9 +115,8 @@ def token_routed_attention(
     def reference_mask() -> torch.Tensor:  # straight from block_idx, independent of the tiling
         kj = torch.arange(skv, device=q.device)
         allowed = chosen[..., kj // block_n]
-        if causal:
-            allowed = allowed & (kj <= torch.arange(sq, device=q.device)[:, None] + skv - sq)
-        return allowed
+        rule = visible_keys(sq, skv, causal, window or 0, 0, q.device)
+        return allowed if rule is None else allowed & rule
 
     return run_attention(
         q,
@@ -121,6 +129,7 @@ def token_routed_attention(
         return_lse=return_lse,
         backend=backend,
         reference_mask=reference_mask,
+        window=window or 0,
         key_mask=key_mask,
     )
 
@@ -170,7 +179,7 @@ def _per_key_block(
                 ids.append(rows + (bi * hq + h) * sq)
     n = b * hq * sq
     if not ids:
-        return q.new_zeros(q.shape), torch.full((b, hq, sq), -math.inf, device=q.device)
+        return empty_attention(q, k, v)
     ids, part_lse, part_out = torch.cat(ids), torch.cat(lses), torch.cat(outs)
     top = torch.full((n,), -math.inf, device=q.device).scatter_reduce(0, ids, part_lse.detach(), "amax")
     weight = torch.exp(part_lse - top[ids])

@@ -17,9 +17,9 @@ import torch
 
 import torch.nn.functional as F
 
-from .block_sparse import broadcast_heads
+from .block_sparse import broadcast_heads, empty_attention
 from .layout import BlockSparseLayout
-from .reference import layout_token_mask
+from .reference import layout_token_mask, nonfinite_rows
 
 __all__ = ["attend", "masked_sdpa"]
 
@@ -49,6 +49,8 @@ class _Plan:
     window: int  # 0: none
     sink: int
     key_ok: torch.Tensor | None  # bool [U, 1, K, block_n]: keys the key mask keeps
+    bad_rows: torch.Tensor | None  # bool [B, Hkv, Skv]: keys whose key or value holds NaN / Inf
+    bad: torch.Tensor | None  # bool [U, 1, K, block_n]: the same, gathered like the key blocks
 
     @property
     def units(self) -> int:
@@ -57,7 +59,7 @@ class _Plan:
 
 def _plan(
     q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mask, causal: bool, scale: float, window: int,
-    sink: int, key_mask: torch.Tensor | None,
+    sink: int, key_mask: torch.Tensor | None, v: torch.Tensor,
 ) -> _Plan:
     b, hq, sq, _ = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -107,7 +109,13 @@ def _plan(
     if key_mask is not None:  # gathered like the key blocks: [B * Hkv * NKB, block_n] -> [U, 1, K, block_n]
         table = F.pad(key_mask, (0, nkb * bn - skv)).view(b, 1, nkb, bn).expand(b, hkv, nkb, bn).reshape(-1, bn)
         key_ok = table.index_select(0, flat_blocks).view(-1, 1, maxk, bn)
-    return _Plan(layout, group, flat_blocks, slot_on, key_pos, row_pos, dead, chunk, scale, causal, window, sink, key_ok)
+    bad_rows, bad = nonfinite_rows(k, v), None
+    if bad_rows is not None:
+        bad = F.pad(bad_rows, (0, nkb * bn - skv)).view(-1, bn).index_select(0, flat_blocks).view(-1, 1, maxk, bn)
+    return _Plan(
+        layout, group, flat_blocks, slot_on, key_pos, row_pos, dead, chunk, scale, causal, window, sink, key_ok,
+        bad_rows, bad,
+    )
 
 
 def _to_units(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -130,13 +138,15 @@ def _from_units(x: torch.Tensor, plan: _Plan, shape: torch.Size) -> torch.Tensor
     return x.reshape(b, hq, -1, d)[:, :, :sq]
 
 
-def _kv_blocks(x: torch.Tensor, bn: int) -> torch.Tensor:
-    """``[B, Hkv, Skv, D]`` -> contiguous fp32 ``[B * Hkv * NKB, block_n, D]`` (zero-padded tail).
+def _kv_blocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """``[B, Hkv, Skv, D]`` -> contiguous fp32 ``[B * Hkv * NKB, block_n, D]`` (zero-padded tail; the
+    rows of keys holding NaN / Inf zeroed, so a masked probability never multiplies them).
 
     Strided inputs (head-split views of a fused projection) are copied once here: a contiguous copy
     followed by ``index_select`` of whole blocks beats gathering small blocks from strided memory."""
+    bn = plan.layout.block_n
     pad = -x.shape[2] % bn
-    x = x.float()
+    x = x.float() if plan.bad_rows is None else x.float().masked_fill(plan.bad_rows[..., None], 0.0)
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, pad))
     return x.contiguous().view(-1, bn, x.shape[-1])
@@ -151,6 +161,8 @@ def _probs(
     n, rows, keys = out.shape
     maxk = plan.layout.max_blocks
     blocked = out.view(n, rows, maxk, keys // maxk)
+    if plan.bad is not None:  # a visible key holding NaN / Inf makes its row NaN; the masks below hide the rest
+        blocked.masked_fill_(plan.bad[s], float("nan"))
     if plan.slot_on is not None:
         slot_on = plan.slot_on[s] if plan.slot_on.shape[0] > 1 else plan.slot_on
         blocked.masked_fill_(~slot_on[..., None], float("-inf"))
@@ -201,7 +213,7 @@ class _BlockSparse(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: _Plan, need_lse: bool):
         lay = plan.layout
         qu = _to_units(q, plan)
-        kb, vb = _kv_blocks(k, lay.block_n), _kv_blocks(v, lay.block_n)
+        kb, vb = _kv_blocks(k, plan), _kv_blocks(v, plan)
         units, rows, _ = qu.shape
         out = torch.empty_like(qu)
         lse = qu.new_empty(units, rows) if need_lse else None
@@ -227,7 +239,7 @@ class _BlockSparse(torch.autograd.Function):
         lay = plan.layout
         qu = _to_units(q, plan)
         do = _to_units(dout, plan)
-        kb, vb = _kv_blocks(k, lay.block_n), _kv_blocks(v, lay.block_n)
+        kb, vb = _kv_blocks(k, plan), _kv_blocks(v, plan)
         units, rows, d = qu.shape
         keys = lay.max_blocks * lay.block_n
         delta = (do * out).sum(-1)  # [U, R]
@@ -259,7 +271,10 @@ class _BlockSparse(torch.autograd.Function):
 # matmuls over gathered blocks reach about 160 GFLOP/s but pay about 4 us per unit (query block x head);
 # dense SDPA with a token mask reaches about 100 GFLOP/s on all Sq x Skv pairs. With tiny blocks and a
 # high density (BiFormer's 2x2-token regions, 16 of 49 routed) the per-unit cost dominates and the
-# dense masked kernel is several times faster, forward and backward.
+# dense masked kernel is several times faster. It is used for inference only: PyTorch's CPU SDPA
+# backward loses accuracy at large logits (fp32 dV relative error 2e-6 against 3e-8 here at |logit|
+# 8e4, measured on a BiFormer-like layout; worse in the fuzzing of issue 12, and in bf16), so when q, k
+# or v require grad the gathered path always runs.
 _SPARSE_FLOPS, _UNIT_SECONDS, _DENSE_FLOPS = 160e9, 4e-6, 100e9
 _MAX_MASK_ELEMS = 1 << 27
 
@@ -292,13 +307,18 @@ def _dense_masked(
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Fused SDPA with a bool ``mask`` broadcastable to ``[B, Hq, Sq, Skv]`` (GQA allowed); rows that see
-    no key give zeros instead of NaN."""
+    no key give zeros instead of NaN; keys holding NaN / Inf reach only the rows that see them (NaN)."""
     dead = ~mask.any(-1, keepdim=True)  # [B, H, Sq, 1]
+    bad = nonfinite_rows(k, v)
+    if bad is not None:
+        k, v = k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0)
+        seen = (mask & bad.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, None, :]).any(-1, keepdim=True)
     has_dead = bool(dead.any())
     if has_dead:  # give empty rows one key so SDPA stays finite, then zero them
         mask = mask | (dead & (torch.arange(mask.shape[-1], device=q.device) == 0))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    return out.masked_fill(dead, 0.0) if has_dead else out
+    out = out.masked_fill(dead, 0.0) if has_dead else out
+    return out if bad is None else out.masked_fill(seen, float("nan"))
 
 
 @torch.compiler.disable  # chunk loops and data-dependent masks: run eagerly inside compiled models
@@ -320,13 +340,15 @@ def attend(
     :func:`~vzoo.kernels.reference.visible_keys`; ``key_mask [B, Skv]`` hides keys.
 
     Returns ``out [B, Hq, Sq, D]`` (``q.dtype``) and ``lse [B, Hq, Sq]`` fp32 when ``need_lse``. Uses
-    dense SDPA with the token mask instead when the cost model says it is faster (never for lse).
+    dense SDPA with the token mask instead when the cost model says it is faster, for inference only
+    (neither for lse nor when an input requires grad).
     """
-    if not need_lse and _dense_is_faster(q, k, layout):
+    if layout.max_blocks == 0:  # every row is empty
+        out, lse = empty_attention(q, k, v)
+        return out, (lse if need_lse else None)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not need_lse and not needs_grad and _dense_is_faster(q, k, layout):
         return _dense_masked(q, k, v, layout, token_mask, causal, scale, window, sink, key_mask), None
     layout, token_mask = broadcast_heads(layout, token_mask, q, k)
-    if layout.max_blocks == 0:  # every row is empty: give the rows one unused slot
-        pad = layout.kv_indices.new_full((*layout.kv_indices.shape[:3], 1), -1)
-        layout = BlockSparseLayout(layout.kv_num_blocks, pad, layout.block_m, layout.block_n, layout.q_len, layout.kv_len)
-    plan = _plan(q, k, layout, token_mask, causal, scale, window, sink, key_mask)
+    plan = _plan(q, k, layout, token_mask, causal, scale, window, sink, key_mask, v)
     return _BlockSparse.apply(q, k, v, plan, need_lse)

@@ -17,6 +17,9 @@ Logical blocks of any size are covered by power-of-two tiles of 16 to 64 tokens 
 padded head row exceeds 256 bytes): a query block of ``block_m`` tokens is ``cdiv(block_m, BLOCK_M)``
 programs, a key block ``cdiv(block_n, BLOCK_N)`` loop steps; rows and columns past the block or the
 sequence are masked. Head dims up to 256 are padded to a power of two.
+
+Keys and values holding NaN or Inf are zeroed as they are loaded and poison (NaN) only the rows that
+see them, so garbage in hidden keys (padding, empty cache slots) never reaches an output or gradient.
 """
 
 
@@ -46,6 +49,12 @@ def _dot(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _finite(x, AXIS: tl.constexpr):
+    """True where every entry of ``x`` along ``AXIS`` is finite (NaN fails every comparison)."""
+    return tl.min((tl.abs(x.to(tl.float32)) < float("inf")).to(tl.int32), AXIS) > 0
 
 
 @triton.jit
@@ -117,6 +126,7 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    poison = tl.zeros([BLOCK_M], tl.int32)  # rows that see a key holding NaN / Inf
     row_id = (b * HU + hu) * NQB + qb
     count = tl.load(KV_NUM + row_id)
     if row_start < row_end:
@@ -139,14 +149,20 @@ def _fwd_kernel(
                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
                     v = tl.load(v_base + cols[:, None] * s_vn + d[None, :] * s_vd,
                                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                    fin = _finite(kt, 0) & _finite(v, 1)
+                    kt = tl.where(fin[None, :], kt, 0.0)
+                    v = tl.where(fin[:, None], v, 0.0)
                     allowed = _visible(use[:, None] & col_ok[None, :], rows[:, None], cols[None, :],
                                        causal_shift, window, sink, CAUSAL, WINDOW)
                     if HAS_KEY_MASK:
                         kept = tl.load(KMASK + b * s_km + cols, mask=col_ok, other=0)
                         allowed = allowed & (kept != 0)[None, :]
+                    poison = tl.maximum(poison, tl.max((allowed & (fin == 0)[None, :]).to(tl.int32), 1))
                     s = tl.where(allowed, _dot(q, kt, UPCAST, PREC) * qk_scale, float("-inf"))
                     m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, PREC)
 
+    acc = tl.where(poison[:, None] > 0, float("nan"), acc)
+    m_i = tl.where(poison > 0, float("nan"), m_i)
     _store_rows(O, LSE, acc, m_i, l_i, (b * H + h) * SQ + rows, row_ok, d, d_ok, HEAD_D)
 
 
@@ -204,6 +220,9 @@ def _dkdv_kernel(
         key_ok = key_ok & (tl.load(KMASK + b * s_km + cols, mask=col_ok, other=0) != 0)
     k = tl.load(K + b * s_kb + hkv * s_kh + cols[:, None] * s_kn + d[None, :] * s_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + b * s_vb + hkv * s_vh + cols[:, None] * s_vn + d[None, :] * s_vd, mask=kv_mask, other=0.0)
+    fin = _finite(k, 1) & _finite(v, 1)
+    k = tl.where(fin[:, None], k, 0.0)
+    v = tl.where(fin[:, None], v, 0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -316,6 +335,9 @@ def _dq_kernel(
                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
                     vt = tl.load(v_base + cols[None, :] * s_vn + d[:, None] * s_vd,
                                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                    fin = _finite(kt, 0) & _finite(vt, 0)
+                    kt = tl.where(fin[None, :], kt, 0.0)
+                    vt = tl.where(fin[None, :], vt, 0.0)
                     allowed = _visible(use[:, None] & col_ok[None, :], rows[:, None], cols[None, :],
                                        causal_shift, window, sink, CAUSAL, WINDOW)
                     if HAS_KEY_MASK:

@@ -12,13 +12,11 @@ backends run :func:`block_sparse_attention` on :func:`sink_window_layout` with t
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-import torch.nn.functional as F
 
 from .backends import resolve_backend
-from .block_sparse import block_sparse_attention, check_int, check_key_mask, check_qkv
+from .block_sparse import block_sparse_attention, check_int, check_key_mask, check_qkv, resolve_scale
 from .layout import BlockSparseLayout
 from .reference import visible_at
 from .torch_backend import masked_sdpa
@@ -41,7 +39,7 @@ def sink_window_layout(
 
 def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int, key_mask: torch.Tensor | None) -> torch.Tensor:
     sq, skv = q.shape[2], k.shape[2]
-    dev, gqa = q.device, q.shape[1] != k.shape[1]
+    dev = q.device
     shift = skv - sq
     q = q.contiguous()
     interior = None  # the band mask of every full chunk past the sink is the same
@@ -65,10 +63,8 @@ def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int, key
                 interior = mask if e - a == chunk else interior
             else:
                 mask = interior
-        if kept is None:
-            outs.append(F.scaled_dot_product_attention(q[:, :, a:e], ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa))
-        else:  # padded keys can leave a query with nothing to see
-            outs.append(masked_sdpa(q[:, :, a:e], ks, vs, mask & kept[:, None, None, :], scale))
+        # padded keys can leave a query with nothing to see; NaN / Inf in a hidden key must not leak
+        outs.append(masked_sdpa(q[:, :, a:e], ks, vs, mask if kept is None else mask & kept[:, None, None, :], scale))
     return torch.cat(outs, 2)
 
 
@@ -108,7 +104,7 @@ def sink_window_attention(
     sq, skv = q.shape[2], k.shape[2]
     if skv < sq:
         raise ValueError(f"the {sq} queries must be the last of the keys, but there are only {skv} keys")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = resolve_scale(scale, q.shape[-1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     name = resolve_backend(backend, q.device, needs_grad=needs_grad, needs_lse=False)
     if name == "torch" and q.numel() and skv:

@@ -211,7 +211,10 @@ def test_flex_backend_forward_matches_oracle(oracle):
         assert (got.double() - want).abs().max() < 1e-4
     q, k, v, layout = make_problem(CASES["ragged"])
     keep = torch.rand(2, 77, generator=torch.Generator().manual_seed(1)) > 0.3
-    got = vk.block_sparse_attention(q, k, v, layout, causal=False, backend="flex", key_mask=keep)
+    k_bad, v_bad = k.clone(), v.clone()  # NaN / Inf in padded keys must not leak (score_mod path)
+    k_bad[:, :, ~keep[0]], v_bad[:, :, ~keep[0]] = float("nan"), float("inf")
+    keep[1] = keep[0]
+    got = vk.block_sparse_attention(q, k_bad, v_bad, layout, causal=False, backend="flex", key_mask=keep)
     allowed = oracle.mask(layout.kv_num_blocks, layout.kv_indices, 16, 32, 100, 77, False) & keep[:, None, None, :]
     assert (got.double() - oracle.attention(q.double(), k.double(), v.double(), allowed)[0]).abs().max() < 1e-4
     got = vk.block_sparse_attention(q, k, v, layout, causal=True, backend="flex", window=20, sink=4)
@@ -279,12 +282,22 @@ def test_invalid_layouts_raise_value_errors():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_torch_backend_strategies_match_oracle(oracle, monkeypatch, strategy, causal, case):
-    """The torch backend's two CPU strategies (gathered blocks; dense SDPA with the token mask), forced."""
+    """The torch backend's two CPU strategies (gathered blocks; dense SDPA with the token mask), forced.
+    Dense SDPA serves inference only; with gradients the gathered path runs whatever the cost model says."""
     from vzoo.kernels import torch_backend
 
-    monkeypatch.setattr(torch_backend, "_dense_is_faster", lambda *a: strategy == "dense")
+    calls = []
+    monkeypatch.setattr(torch_backend, "_dense_is_faster", lambda *a: calls.append(1) or strategy == "dense")
+    dense_masked = torch_backend._dense_masked
+    monkeypatch.setattr(torch_backend, "_dense_masked", lambda *a: calls.append("dense") or dense_masked(*a))
     q, k, v, layout = make_problem(case)
     allowed = oracle.layout_mask(layout, None, causal)
+    with torch.no_grad():
+        got = vk.block_sparse_attention(q, k, v, layout, causal=causal, backend="torch")
+    assert ("dense" in calls) == (strategy == "dense")
+    want, _ = oracle.attention(q, k, v, allowed)
+    assert (got.double() - want).abs().max() < 1e-4
+    calls.clear()
     w = torch.linspace(-1, 1, q.shape[-1], dtype=torch.float64)
     results = []
     for fn, inputs in (
@@ -294,6 +307,7 @@ def test_torch_backend_strategies_match_oracle(oracle, monkeypatch, strategy, ca
         xs = [t.clone().requires_grad_() for t in inputs]
         out = fn(*xs)
         results.append((out, *torch.autograd.grad((out.double() * w).sum(), xs)))
+    assert "dense" not in calls
     for name, g, want in zip(("out", "dq", "dk", "dv"), *results):
         assert torch.isfinite(g).all(), name
         assert (g.double() - want).abs().max() < 1e-4, name
