@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 pip install -q -e ".[test]"
+pytest -q -m gpu tests/kernels/test_gpu.py -k "pyramid or token_routed" -x
 pytest -q tests/modules/test_vmoba.py tests/modules/test_psa.py tests/pipelines -x
 python - <<'PY'
 import torch

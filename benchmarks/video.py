@@ -3,6 +3,7 @@ density, relative L2 error, attention-mass recall) and a narrow Wan transformer 
 
     python benchmarks/video.py                  # grid 16x32x32 = 16384 tokens, 4 heads of 64, fp32
     python benchmarks/video.py --grid 16 48 48  # longer
+    python benchmarks/video.py --break-even     # speed-up against SDPA as the selected density grows
 
 Bar (CPU, 16x32x32, structured inputs): each method >= 3x faster than SDPA, rel. L2 <= 0.15, recall >= 0.85.
 """
@@ -11,14 +12,52 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+import torch.nn.functional as F
+
 from vzoo.bench import median_ms
-from vzoo.bench_video import format_video, video_rows
+from vzoo.bench_video import format_video, structured_qkv, video_rows
 from vzoo.pipelines import DenseConfig, PSAConfig, VMoBAConfig, apply_sparse_attention
+from vzoo.psa import psa_attention, psa_offsets
+from vzoo.vmoba import vmoba_attention
+
+
+def break_even_rows(grid, repeats: int) -> list[tuple[str, float, float]]:
+    """(method, selected density, speed-up over SDPA) with the dense fallback off, for densities from
+    sparse to full: PSA with all four level bounds at tau (no pooling cap), VMoBA 3D layers with top-k."""
+    cpu = torch.device("cpu")
+    q, k, v = structured_qkv(grid, 4, 64)
+
+    def speedup(run) -> float:  # SDPA timed next to each point: a shared machine's load drifts
+        return median_ms(lambda: F.scaled_dot_product_attention(q, k, v), cpu, repeats) / median_ms(run, cpu, repeats)
+
+    rows = []
+    for tau in (0.5, 0.8, 0.95, 0.99, 0.999, 1.0):
+        cfg = PSAConfig(thresholds=(tau,) * 4, sim_cap=None)
+        offsets = psa_offsets(1, (4, 4), cfg, cpu, torch.Generator().manual_seed(0))
+        run = lambda cfg=cfg, offsets=offsets: psa_attention(q, k, v, grid, cfg, offsets=offsets, return_density=True, dense_fallback=False)
+        rows.append(("psa", run()[1], speedup(run)))
+    vmoba = VMoBAConfig()
+    nb = grid[0] * grid[1] * grid[2] // math.prod(b or n for b, n in zip(vmoba.block(2, grid), grid))
+    for share in (0.125, 0.25, 0.375, 0.5, 0.75, 1.0):
+        cfg = VMoBAConfig(topk=(1, 1, max(1, round(share * nb))))
+        run = lambda cfg=cfg: vmoba_attention(q, k, v, grid, 2, cfg, return_density=True, dense_fallback=False)
+        rows.append(("vmoba", run()[1], speedup(run)))
+    return rows
+
+
+def crossing(points: list[tuple[float, float]]) -> float | None:
+    """Density where the speed-up falls through 1 (linear between the measured points), None if never."""
+    points = sorted(points)
+    for (d0, s0), (d1, s1) in zip(points, points[1:]):
+        if s0 >= 1 > s1:
+            return d0 + (s0 - 1) * (d1 - d0) / (s0 - s1)
+    return None if points[-1][1] >= 1 else points[0][0]
 
 
 def transformer_rows(grid, repeats: int) -> list[tuple[str, float, float | None]]:
@@ -46,8 +85,16 @@ def main() -> None:
     p.add_argument("--grid", type=int, nargs=3, default=[16, 32, 32])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench-results")
+    p.add_argument("--break-even", action="store_true", help="measure the break-even densities only")
     a = p.parse_args()
     grid = tuple(a.grid)
+    if a.break_even:
+        rows = break_even_rows(grid, a.repeats)
+        print(f"grid {grid}, 4 heads x 64, fp32, {torch.get_num_threads()} threads; dense fallback off")
+        for method in ("psa", "vmoba"):
+            pts = [(d, x) for m, d, x in rows if m == method]
+            print(f"{method}: " + ", ".join(f"density {d:.3f} {x:.2f}x" for d, x in pts) + f"; break-even density {crossing(pts)}")
+        return
     print(f"attention op: grid {grid} ({grid[0] * grid[1] * grid[2]} tokens), 4 heads x 64, fp32, {torch.get_num_threads()} threads")
     rows = video_rows(grid, repeats=a.repeats)
     print(format_video(rows))

@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from vzoo.psa import PSAConfig
+from vzoo.kernels.break_even import DensityReport, DensityStats
+from vzoo.psa import PSAConfig, seeded_generator
 from vzoo.vmoba import VMoBAConfig
 
 from .adapters import Adapter, adapter_for, call_arguments
@@ -52,7 +53,8 @@ class _State:
         self.grid: tuple[int, int, int] | None = None
         self.step, self.last_t = -1, None
         self.warned: set[str] = set()
-        self.density_sum, self.sparse_calls = 0.0, 0
+        self.stats = DensityStats()
+        self.generators: dict = {}  # PSA offset sampling when config.seed is set
 
     def pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         arguments = call_arguments(module, args, kwargs)
@@ -125,16 +127,17 @@ class _SparseProcessor:
         if call.get("dropout_p", 0.0) or call.get("is_causal", False):
             self.state.warn_once("dropout or causal attention")
             return func(*args, **kwargs)
+        generator = seeded_generator(getattr(config, "seed", None), call["query"].device, self.state.generators)
         try:
-            out, density = video_attention(
+            out, density, dense = video_attention(
                 call["query"], call["key"], call["value"], call.get("attn_mask"), call.get("scale"),
                 grid=self.state.grid, layer_idx=self.layer_idx, config=config, text_first=self.state.adapter.text_first,
+                generator=generator,
             )
         except Unsupported as why:
             self.state.warn_once(str(why))
             return func(*args, **kwargs)
-        self.state.density_sum += density
-        self.state.sparse_calls += 1
+        self.state.stats.add(density, dense)
         return out
 
 
@@ -151,24 +154,19 @@ class _ImageRotaryEmbProcessor(_SparseProcessor):  # CogVideoX, HunyuanVideo, LT
 _PROCESSORS = {"rotary_emb": _RotaryEmbProcessor, "image_rotary_emb": _ImageRotaryEmbProcessor}
 
 
-class SparseAttentionHandle:
+class SparseAttentionHandle(DensityReport):
     """What :func:`apply_sparse_attention` installed. ``remove()`` (or leaving a ``with`` block) restores
-    the stock processors and removes the hooks; ``density`` is the mean measured attention density of
-    the sparse calls so far (``None`` before any)."""
+    the stock processors and removes the hooks; ``density`` is the mean density the method selected in
+    the sparse calls so far (``None`` before any); ``dense_calls`` of them ran the dense kernel instead
+    because their selection was above the device's break-even density (never slower than dense)."""
 
     def __init__(self) -> None:
         self._restore: list[tuple[nn.Module, object]] = []
         self._hooks: list = []
         self._states: list[_State] = []
 
-    @property
-    def density(self) -> float | None:
-        calls = sum(s.sparse_calls for s in self._states)
-        return sum(s.density_sum for s in self._states) / calls if calls else None
-
-    @property
-    def sparse_calls(self) -> int:
-        return sum(s.sparse_calls for s in self._states)
+    def density_stats(self) -> list[DensityStats]:
+        return [s.stats for s in self._states]
 
     def remove(self) -> None:
         for attn, original in reversed(self._restore):

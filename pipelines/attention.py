@@ -44,9 +44,12 @@ def video_attention(
     layer_idx: int,
     config: VMoBAConfig | PSAConfig,
     text_first: bool,
-) -> tuple[torch.Tensor, float]:
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, float, bool]:
     """``q, k, v [B, H, S, D]`` with ``S = T*H*W`` video tokens plus text tokens (before them when
-    ``text_first``, else after). Returns the attention output and the measured density of the video part."""
+    ``text_first``, else after). Returns the attention output, the density the method selected for the
+    video part and whether the dense kernel ran instead (selection above the device's break-even).
+    ``generator``: PSA's offset sampling (torch's global generator if None)."""
     b, h, s, d = q.shape
     n_video = math.prod(grid)
     n_text = s - n_video
@@ -60,15 +63,16 @@ def video_attention(
         raise Unsupported("the attention mask hides video tokens")
     qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]  # GQA stays unexpanded: the methods handle it
     if isinstance(config, VMoBAConfig):
-        method, args = vmoba_attention, (grid, layer_idx, config)
+        method, args, kw = vmoba_attention, (grid, layer_idx, config), {}
     else:
-        method, args = psa_attention, (grid, config)
-    out_v, lse_v, density = method(qv, kv, vv, *args, scale=scale, return_lse=True, return_density=True)
+        method, args, kw = psa_attention, (grid, config), dict(generator=generator)
     if n_text == 0:
-        return out_v, density
+        out_v, density, dense = method(qv, kv, vv, *args, scale=scale, return_density=True, **kw)
+        return out_v, density, dense
+    out_v, lse_v, density, dense = method(qv, kv, vv, *args, scale=scale, return_lse=True, return_density=True, **kw)
     keep_text = torch.ones((), dtype=torch.bool, device=q.device) if keep is None else keep[..., text]
     out_t, lse_t = dense_attention(qv, k[:, :, text], v[:, :, text], keep_text, scale)  # a few text keys: exact and small
     out_v = merge_attention_states([out_v, out_t], [lse_v, lse_t])[0]
     text_out = F.scaled_dot_product_attention(q[:, :, text], k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[1] != h)
     parts = [text_out, out_v] if text_first else [out_v, text_out]
-    return torch.cat(parts, 2), density
+    return torch.cat(parts, 2), density, dense

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vzoo.bench import median_ms
 from vzoo.gilbert import gilbert_order
-from vzoo.psa import PSAConfig, psa_attention, psa_levels
+from vzoo.psa import PSAConfig, psa_attention, psa_levels, psa_offsets
 from vzoo.vmoba import VMoBAConfig, vmoba_attention, vmoba_permutation, vmoba_routing
 
 __all__ = ["VideoRow", "structured_qkv", "video_rows"]
@@ -26,6 +26,7 @@ class VideoRow:
     density: float
     rel_l2: float
     recall: float
+    dense: bool = False  # the call ran the dense kernel: its selection was above the break-even density
 
 
 def structured_qkv(grid: tuple[int, int, int], heads: int = 4, dim: int = 64, seed: int = 0, sharpness: float = 14.0):
@@ -67,15 +68,17 @@ def _recall(q: torch.Tensor, k: torch.Tensor, key_mask_fn, chunk: int = 1024) ->
 
 
 def _vmoba_key_mask(q, k, grid, layer, config):
-    perm, block_n = vmoba_permutation(grid, config.block(layer, grid))
-    mask = vmoba_routing(q[:, :, perm], k[:, :, perm], block_n, topk=config.topk[layer % 3])  # permuted queries
-    inv = torch.argsort(perm)  # position of each original token in block order
+    slots, block_n = vmoba_permutation(grid, config.block(layer, grid))
+    valid = slots >= 0
+    qp, kp = (x[:, :, slots.clamp_min(0)].masked_fill(~valid[:, None], 0.0) for x in (q, k))
+    mask = vmoba_routing(qp, kp, block_n, topk=config.topk[layer % 3], valid=valid)  # queries in slot order
+    inv = torch.empty_like(slots).index_copy_(0, slots[valid], torch.nonzero(valid)[:, 0])[: q.shape[2]]  # slot of each token
     return lambda rows: mask[:, :, inv[rows]][..., inv // block_n]
 
 
-def _psa_key_mask(q, k, grid, config):
+def _psa_key_mask(q, k, grid, config, offsets):
     perm = gilbert_order(grid) if config.reorder else torch.arange(q.shape[2])
-    levels = psa_levels(q[:, :, perm], k[:, :, perm], config)
+    levels = psa_levels(q[:, :, perm], k[:, :, perm], config, offsets=offsets)
     inv = torch.argsort(perm)
     qblock, kblock = inv // config.block_q, inv // config.block_k  # block of each original token
     return lambda rows: levels[:, :, qblock[rows]][..., kblock] > 0
@@ -90,22 +93,24 @@ def video_rows(grid: tuple[int, int, int] = (16, 32, 32), heads: int = 4, dim: i
     rows = [VideoRow("dense sdpa", sdpa_ms, 1.0, 1.0, 0.0, 1.0)]
 
     def row(name, run, key_mask_fn):
-        out, density = run()
+        out, density, ran_dense = run()
         ms = median_ms(run, device, repeats)
         err = ((out - dense).norm() / dense.norm()).item()
-        rows.append(VideoRow(name, ms, sdpa_ms / ms, density, err, _recall(q, k, key_mask_fn)))
+        rows.append(VideoRow(name, ms, sdpa_ms / ms, density, err, _recall(q, k, key_mask_fn), ran_dense))
 
     vmoba = VMoBAConfig()
     for layer, kind in enumerate(("1D", "2D", "3D")):
         row(f"vmoba {kind} top-{vmoba.topk[layer]}", lambda layer=layer: vmoba_attention(q, k, v, grid, layer, vmoba, return_density=True),
             _vmoba_key_mask(q, k, grid, layer, vmoba))
     psa = PSAConfig.preset("balanced")
-    row("psa balanced", lambda: psa_attention(q, k, v, grid, psa, return_density=True), _psa_key_mask(q, k, grid, psa))
+    offsets = psa_offsets(1, (heads, heads), psa, device, torch.Generator().manual_seed(0))  # same selection in every run
+    row("psa balanced", lambda: psa_attention(q, k, v, grid, psa, return_density=True, offsets=offsets),
+        _psa_key_mask(q, k, grid, psa, offsets))
     return rows
 
 
 def format_video(rows: list[VideoRow]) -> str:
     head = f"{'method':<22} {'ms':>8} {'x sdpa':>7} {'density':>8} {'rel L2':>7} {'recall':>7}"
     lines = [head, "-" * len(head)]
-    lines += [f"{r.method:<22} {r.ms:>8.1f} {r.speedup:>7.2f} {r.density:>8.3f} {r.rel_l2:>7.3f} {r.recall:>7.3f}" for r in rows]
-    return "\n".join(lines)
+    lines += [f"{r.method:<22} {r.ms:>8.1f} {r.speedup:>7.2f} {r.density:>8.3f} {r.rel_l2:>7.3f} {r.recall:>7.3f}{' dense' * r.dense}" for r in rows]
+    return "\n".join(lines + ["(dense: selection above the break-even density, so the dense kernel ran)"] * any(r.dense for r in rows))

@@ -31,9 +31,9 @@ def _neg(v: Vec) -> Vec:
 
 
 def _half(v: Vec) -> Vec:
-    """``v // 2`` per component, rounded towards zero, grown by one step when that length is odd (and
-    the edge is longer than 2), so halves stay even where possible."""
-    h = tuple(int(x / 2) for x in v)
+    """``v // 2`` per component (floor division, as the reference), grown by one step when that length
+    is odd (and the edge is longer than 2), so halves stay even where possible."""
+    h = tuple(x // 2 for x in v)
     n = abs(sum(h))
     if n % 2 and abs(sum(v)) > 2:
         h = _add(h, _sign(v))
@@ -72,12 +72,18 @@ def _walk(p: Vec, a: Vec, b: Vec, c: Vec, out: list[Vec]) -> None:
 @lru_cache(maxsize=32)
 def _order(t: int, h: int, w: int) -> tuple[int, ...]:
     cells: list[Vec] = []
-    dims = {0: t, 1: h, 2: w}
-    axes = sorted(dims, key=lambda i: -dims[i])  # walk along the longest axis first
+    dims = (t, h, w)
 
     def edge(axis: int) -> Vec:
         return tuple(dims[axis] if j == axis else 0 for j in range(3))
 
+    # the reference's choice of major axis (ties: w, then h) and of the other two edges' order
+    if w >= h and w >= t:
+        axes = (2, 1, 0)
+    elif h >= w and h >= t:
+        axes = (1, 2, 0)
+    else:
+        axes = (0, 2, 1)
     _walk((0, 0, 0), edge(axes[0]), edge(axes[1]), edge(axes[2]), cells)
     return tuple((x * h + y) * w + z for x, y, z in cells)
 

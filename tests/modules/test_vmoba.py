@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from vzoo.vmoba import VMoBAConfig, vmoba_attention
+from vzoo.vmoba import VMoBAConfig, vmoba_attention, vmoba_permutation
 
 GRID = (4, 4, 6)
 CFG = dict(temporal_block=(2,), spatial_block=(2, 3), cube_block=(2, 2, 3))
@@ -72,8 +72,8 @@ def test_matches_coordinate_oracle_with_gradients(layer, mode):
     kw = dict(topk=config.topk[layer % 3]) if mode == "topk" else dict(tau=0.3)
     mask = _oracle_mask(q.detach(), k.detach(), ids, nb, **kw)
     want = _oracle_attention(q, k, v, mask[..., ids])
-    got, density = vmoba_attention(q, k, v, GRID, layer, config, return_density=True)
-    assert density == pytest.approx(mask.double().mean().item())
+    got, density, dense = vmoba_attention(q, k, v, GRID, layer, config, return_density=True, dense_fallback=False)
+    assert density == pytest.approx(mask.double().mean().item()) and not dense
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
     up = torch.randn_like(got)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), up), torch.autograd.grad(want, (q, k, v), up.double())):
@@ -90,7 +90,7 @@ def test_query_head_pool_and_gqa():
     kx, vx = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     mask = _oracle_mask(q, kx, ids, nb, tau=0.5, pool="query_head")
     want = _oracle_attention(q, kx, vx, mask[..., ids]).float()
-    torch.testing.assert_close(vmoba_attention(q, k, v, GRID, 2, config), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vmoba_attention(q, k, v, GRID, 2, config, dense_fallback=False), want, atol=1e-5, rtol=1e-5)
 
 
 def test_full_selection_is_dense_attention():
@@ -100,7 +100,7 @@ def test_full_selection_is_dense_attention():
     config = VMoBAConfig(**CFG, topk=(2, 4, 8))  # every block of every layer type
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for layer in range(3):
-        torch.testing.assert_close(vmoba_attention(q, k, v, GRID, layer, config), dense, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(vmoba_attention(q, k, v, GRID, layer, config, dense_fallback=False), dense, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +111,8 @@ def test_full_selection_is_dense_attention():
         (dict(mode="global"), "mode"),
         (dict(pool="block"), "pool"),
         (dict(spatial_block=(2, 0)), "spatial_block"),
+        (dict(cube_block=(True, 2, 2)), "cube_block"),
+        (dict(dense_fallback=1), "dense_fallback"),
         (dict(topk=(1, 2)), "topk"),
         (dict(dense_warmup=2.0), "dense_warmup"),
     ],
@@ -124,16 +126,56 @@ def test_automatic_blocks_follow_the_grid():
     config = VMoBAConfig()
     assert [config.block(i, (16, 32, 32)) for i in range(3)] == [(2, 0, 0), (0, 8, 8), (4, 8, 8)]
     assert [config.block(i, (21, 30, 52)) for i in range(3)] == [(3, 0, 0), (0, 6, 13), (7, 6, 13)]
-    q = torch.randn(1, 1, 5 * 6 * 7, 8)
-    assert vmoba_attention(q, q, q, (5, 6, 7), 2).shape == q.shape  # any grid works with automatic blocks
+    # prime axes: no divisor near the target, so blocks of the target size with a shorter last one
+    assert [config.block(i, (13, 29, 53)) for i in range(3)] == [(1, 0, 0), (0, 7, 13), (3, 7, 13)]
+    assert config.block(2, (4, 4, 6)) == (4, 4, 6)  # small grids: blocks grow to >= 64 tokens
 
 
-def test_blocks_that_do_not_tile_the_grid():
-    q = torch.randn(1, 1, math.prod(GRID), 8)
-    with pytest.raises(ValueError, match="VMoBAConfig.spatial_block"):
-        vmoba_attention(q, q, q, GRID, 1, VMoBAConfig(**dict(CFG, spatial_block=(3, 3))))
-    with pytest.raises(ValueError, match="grid"):
-        vmoba_attention(q, q, q, (4, 4, 5), 0, VMoBAConfig(**CFG))
+def test_prime_grid_keeps_the_gate_small():
+    """13x29x53 = 19981 tokens: blocks of 1 token would make an S x S fp32 gate (1.6 GB per head);
+    automatic blocks keep at most 5 x 5 x 5 = 125 key blocks, and the call runs within that memory."""
+    grid, config = (13, 29, 53), VMoBAConfig(topk=(1, 1, 1))
+    s = math.prod(grid)
+    for layer in range(3):
+        slots, block_n = vmoba_permutation(grid, config.block(layer, grid))
+        assert block_n >= 273 and slots.numel() // block_n <= 125
+        assert sorted(slots[slots >= 0].tolist()) == list(range(s))  # every token exactly once
+    q = torch.randn(1, 1, s, 4)
+    out, density, dense = vmoba_attention(q, q, q, grid, 2, config, return_density=True, dense_fallback=False)
+    assert out.shape == q.shape and torch.isfinite(out).all() and not dense
+    assert density < 0.02  # own block only: about 1/125 of the keys
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_ragged_blocks_match_the_coordinate_oracle(layer, mode):
+    """Sizes that do not divide the axes (5x5x7 grid): the last block along an axis is shorter, its
+    mean key averages its real tokens only, and padding never reaches a query."""
+    torch.manual_seed(10 + layer)
+    grid = (5, 5, 7)
+    config = VMoBAConfig(temporal_block=(2,), spatial_block=(2, 3), cube_block=(2, 2, 3), mode=mode, topk=(2, 3, 5), tau=0.3)
+    s = math.prod(grid)
+    q, k, v = (torch.randn(1, 2, s, 8) for _ in range(3))
+    st, sh, sw = (b or n for b, n in zip(config.block(layer, grid), grid))
+    tt, hh, ww = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
+    nh, nw = -(-grid[1] // sh), -(-grid[2] // sw)
+    ids = ((tt // st) * nh * nw + (hh // sh) * nw + ww // sw).flatten()
+    nb = int(ids.max()) + 1
+    kw = dict(topk=config.topk[layer]) if mode == "topk" else dict(tau=0.3)
+    mask = _oracle_mask(q, k, ids, nb, **kw)
+    want = _oracle_attention(q, k, v, mask[..., ids]).float()
+    torch.testing.assert_close(vmoba_attention(q, k, v, grid, layer, config, dense_fallback=False), want, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_fallback_above_break_even():
+    torch.manual_seed(9)
+    s = math.prod(GRID)
+    q, k, v = (torch.randn(1, 2, s, 16) for _ in range(3))
+    config = VMoBAConfig(**CFG, topk=(2, 4, 8))  # everything selected: density 1 > break-even
+    out, lse, density, dense = vmoba_attention(q, k, v, GRID, 2, config, return_lse=True, return_density=True)
+    assert density == 1.0 and dense
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / 4, -1), atol=1e-5, rtol=1e-5)
 
 
 def test_triton_path_matches_torch_path_with_gradients():
@@ -144,11 +186,11 @@ def test_triton_path_matches_torch_path_with_gradients():
     s = math.prod(GRID)
     config = VMoBAConfig(**CFG, mode="threshold", tau=0.3)
     q, k, v = (torch.randn(1, 2, s, 16, requires_grad=True) for _ in range(3))
-    ref = vmoba_attention(q, k, v, GRID, 2, config, backend="torch")
+    ref = vmoba_attention(q, k, v, GRID, 2, config, backend="torch", dense_fallback=False)
     up = torch.randn_like(ref)
     grads_ref = torch.autograd.grad(ref, (q, k, v), up)
     qd, kd, vd = (x.detach().to(dev).requires_grad_() for x in (q, k, v))
-    got = vmoba_attention(qd, kd, vd, GRID, 2, config, backend="triton")
+    got = vmoba_attention(qd, kd, vd, GRID, 2, config, backend="triton", dense_fallback=False)
     torch.testing.assert_close(got.cpu(), ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(torch.autograd.grad(got, (qd, kd, vd), up.to(dev)), grads_ref):
         torch.testing.assert_close(a.cpu(), b, atol=1e-5, rtol=1e-5)
