@@ -1,5 +1,6 @@
 """Prefill of a narrow Llama (4 layers, 4 heads of 64): vzoo methods against SDPA, same process:
-latency, peak memory, KV-cache size after the prefill and attended density.
+latency, peak memory, KV-cache size after the prefill, attended density and the share of calls that
+ran dense attention instead (selection above the device's break-even density, ``dense_fallback``).
 
     python benchmarks/lm.py --tokens 8192 16384                     # CPU, fp32
     python benchmarks/lm.py --device cuda --dtype bfloat16 --tokens 32768 65536 131072

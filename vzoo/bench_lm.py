@@ -22,6 +22,7 @@ class LMRow:
     peak_mb: float  # peak extra resident memory of the prefill
     kv_mb: float  # KV-cache bytes held after the prefill
     density: float  # attended share of the causal (query, key) pairs, over all layers
+    dense_share: float = 0.0  # share of the method's block-selecting calls that ran dense (break-even rule)
 
 
 def narrow_llama(max_tokens: int, layers: int = 4, seed: int = 0) -> torch.nn.Module:
@@ -115,11 +116,13 @@ def _cuda_peak_mb(prefill) -> float:
 
 
 def lm_rows(
-    tokens: list[int], repeats: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True
+    tokens: list[int], repeats: int = 3, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
+    peak: bool = True,
 ) -> list[LMRow]:
     """Prefill (with a KV cache, last logits only) of :func:`narrow_llama` at each length, per method.
     Latency and KV size are measured here; on the CPU peak memory is measured in a fresh process per
-    row, so memory the allocator kept from earlier runs does not hide it."""
+    row, so memory the allocator kept from earlier runs does not hide it (``peak=False``: not measured,
+    NaN)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -142,23 +145,30 @@ def lm_rows(
             out = _prefill(model, ids)
             kv = _kv_mb(getattr(out, "cache", None) or out.past_key_values)
             del out
-            if dev.type == "cuda":
-                peak = _cuda_peak_mb(lambda: _prefill(model, ids))
+            if not peak:
+                peak_mb = float("nan")
+            elif dev.type == "cuda":
+                peak_mb = _cuda_peak_mb(lambda: _prefill(model, ids))
             else:
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                    peak = pool.submit(_fresh_peak_mb, n, name, max(tokens), dtype).result()
+                    peak_mb = pool.submit(_fresh_peak_mb, n, name, max(tokens), dtype).result()
+            share = 0.0
             if handle is not None:
+                share = handle.dense_calls / handle.sparse_calls if handle.sparse_calls else 0.0
                 handle.remove()
             base = base or ms
-            rows.append(LMRow(name, n, ms, base / ms, peak, kv, density))
+            rows.append(LMRow(name, n, ms, base / ms, peak_mb, kv, density, share))
             bar.update()
     bar.close()
     return rows
 
 
 def format_lm(rows: list[LMRow]) -> str:
-    head = f"{'tokens':>6}  {'method':<42} {'ms':>8} {'x sdpa':>7} {'peak MB':>8} {'KV MB':>7} {'density':>8}"
+    """The rows as a table; ``dense`` is the share of calls that ran dense attention because their
+    selection was above the device's break-even density (``dense_fallback``)."""
+    head = f"{'tokens':>6}  {'method':<42} {'ms':>8} {'x sdpa':>7} {'peak MB':>8} {'KV MB':>7} {'density':>8} {'dense':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.tokens:>6}  {r.method:<42} {r.ms:8.1f} {r.speedup:7.2f} {r.peak_mb:8.1f} {r.kv_mb:7.1f} {r.density:8.3f}")
+        lines.append(f"{r.tokens:>6}  {r.method:<42} {r.ms:8.1f} {r.speedup:7.2f} {r.peak_mb:8.1f} {r.kv_mb:7.1f} "
+                     f"{r.density:8.3f} {r.dense_share:6.2f}")
     return "\n".join(lines)

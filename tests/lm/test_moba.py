@@ -37,7 +37,7 @@ def test_attention_matches_loop_oracle(sq):
     q = torch.randn(1, 4, sq, 16)
     k, v = torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16)
     for topk in (1, 2, 3):
-        out = moba_attention(MoBAConfig(block_size=8, topk=topk), q, k, v, None, 0.25)
+        out = moba_attention(MoBAConfig(block_size=8, topk=topk, dense_fallback=False), q, k, v, None, 0.25)
         torch.testing.assert_close(out, _oracle(q, k, v, 8, topk, 0.25).float(), atol=1e-5, rtol=1e-5)
 
 
@@ -51,11 +51,25 @@ def test_sparse_generation_with_cache_equals_recomputation(lm):
     ids = torch.randint(0, 97, (1, 45))
     with torch.no_grad():
         stock = model(ids).logits
-        with apply_sparse_attention(model, MoBAConfig(block_size=8, topk=2)):
+        with apply_sparse_attention(model, MoBAConfig(block_size=8, topk=2, dense_fallback=False)):
             assert not torch.allclose(model(ids).logits, stock, atol=1e-3)  # really sparse
             cached = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True)
             recomputed = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=False)
     assert torch.equal(cached, recomputed)
+
+
+def _register_oracle(layer: int, block: int, topk: int) -> str:
+    """A transformers attention function: the loop oracle on ``layer``, SDPA elsewhere (no padding)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if module.layer_idx != layer:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _oracle(query, key, value, block, topk, scaling).float().transpose(1, 2), None
+
+    AttentionInterface.register("test_moba_oracle", attention)
+    return "test_moba_oracle"
 
 
 def test_layers_remove_and_bad_configs(lm):
@@ -63,9 +77,13 @@ def test_layers_remove_and_bad_configs(lm):
     ids = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
         stock = model(ids).logits
-        with apply_sparse_attention(model, MoBAConfig(block_size=8, topk=2, layers=(1,))) as handle:
+        model.set_attn_implementation(_register_oracle(layer=1, block=8, topk=2))  # the loop oracle on layer 1 only
+        want = model(ids).logits
+        model.set_attn_implementation("sdpa")
+        with apply_sparse_attention(model, MoBAConfig(block_size=8, topk=2, layers=(1,), dense_fallback=False)) as handle:
             assert [hasattr(layer.self_attn, "vzoo_config") for layer in model.model.layers] == [False, True, False]
-            assert not torch.allclose(model(ids).logits, stock, atol=1e-4)
+            torch.testing.assert_close(model(ids).logits, want, atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(want, stock, atol=1e-3)  # layer 1 really is sparse
             with pytest.raises(RuntimeError, match="already"):
                 apply_sparse_attention(model, MoBAConfig())
         handle.remove()
@@ -104,7 +122,7 @@ def test_flashmoba_key_conv_trains_generates_exactly_and_is_removed(lm):
         model.set_attn_implementation("eager")
         ref = model(ids).logits
         model.set_attn_implementation("sdpa")
-    with apply_sparse_attention(model, MoBAConfig(block_size=8, topk=64, key_conv=3)) as handle:
+    with apply_sparse_attention(model, MoBAConfig(block_size=8, topk=64, key_conv=3, dense_fallback=False)) as handle:
         names = [n for n, _ in model.named_parameters() if "vzoo_key_conv" in n]
         assert names == [f"model.layers.{i}.self_attn.vzoo_key_conv.weight" for i in range(3)]
         with torch.no_grad():
@@ -115,7 +133,7 @@ def test_flashmoba_key_conv_trains_generates_exactly_and_is_removed(lm):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
         model.eval()
     assert not any("vzoo_key_conv" in n for n, _ in model.named_parameters()) and handle.model is None
-    with torch.no_grad(), apply_sparse_attention(model, MoBAConfig(block_size=8, topk=2, key_conv=4)):
+    with torch.no_grad(), apply_sparse_attention(model, MoBAConfig(block_size=8, topk=2, key_conv=4, dense_fallback=False)):
         for layer in model.model.layers:
             layer.self_attn.vzoo_key_conv.weight.normal_(0, 0.5)
         cached = model.generate(ids, max_new_tokens=12, do_sample=False, use_cache=True)

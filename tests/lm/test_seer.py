@@ -67,7 +67,7 @@ def naive(q, k, v, allowed, scale):
 @pytest.mark.parametrize("selection", [dict(topk=2), dict(threshold=0.1), dict(topk=1, last_block_dense=True)])
 def test_inference_attends_exactly_the_selected_blocks(lm, selection):
     model = lm.make()
-    config = SeerAttentionConfig(block_size=8, **selection)
+    config = SeerAttentionConfig(block_size=8, dense_fallback=False, **selection)
     apply_sparse_attention(model, config)
     module = model.model.layers[0].self_attn
     torch.manual_seed(4)
@@ -77,11 +77,13 @@ def test_inference_attends_exactly_the_selected_blocks(lm, selection):
     logits = loop_gate(q_pre, k_pre, pos, 8, module.attn_gate.mask_linear_k.weight)
     probs = torch.softmax(logits, -1)
     if "topk" in selection:
-        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, probs.topk(selection["topk"], -1).indices, True)
+        best = probs.masked_fill(torch.eye(probs.shape[-1], dtype=torch.bool), 2.0).topk(selection["topk"], -1).indices
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, best, True)  # the diagonal counts in the topk
     else:
         keep = probs > selection["threshold"]
     if selection.get("last_block_dense"):
-        keep[..., -1, :] = True
+        keep[..., -2:, :] = True  # the official makes the last two query blocks dense
+    keep |= torch.eye(keep.shape[-1], dtype=torch.bool)  # every query block keeps its own block
     allowed = torch.zeros(1, 4, 43, 43, dtype=torch.bool)
     for i in range(43):
         for j in range(i + 1):
@@ -92,6 +94,64 @@ def test_inference_attends_exactly_the_selected_blocks(lm, selection):
         with torch.no_grad():
             got = seer_attention(config, query, key, value, mask, 0.25, module, position_ids=pos)
         assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_left_padding_blocks_get_no_gate_probability(lm):
+    """As the official gate mask: key blocks made only of (left) padding are out of the softmax, so the
+    threshold applies to the probabilities over real blocks."""
+    model = lm.make()
+    apply_sparse_attention(model, SeerAttentionConfig(block_size=8))
+    module = model.model.layers[0].self_attn
+    torch.manual_seed(5)
+    n, pad = 45, 19  # two whole padding blocks and 3 padded tokens in the third
+    q_pre, k_pre = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16)
+    query, key, value = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16)
+    pos = (torch.arange(n) - pad).clamp_min(0)[None]
+    logits = loop_gate(q_pre, k_pre, pos, 8, module.attn_gate.mask_linear_k.weight).detach()
+    unmasked = torch.softmax(logits, -1)
+    logits[..., :2] = torch.finfo(torch.float32).min
+    probs = torch.softmax(logits, -1)
+    # a threshold between the probabilities, with and without the padding blocks, of the real key block
+    # (off the diagonal, seen by real queries) that dropping the padding raises most
+    real = torch.zeros(6, 6, dtype=torch.bool)
+    real[3:, 2:] = True
+    gain = (probs / unmasked).masked_fill(~(real & torch.ones(6, 6, dtype=torch.bool).tril(-1)), 0)
+    at = torch.unravel_index(gain.argmax(), gain.shape)
+    threshold = float(unmasked[at] + probs[at]) / 2
+    config = SeerAttentionConfig(block_size=8, threshold=threshold, dense_fallback=False)
+    keep = (probs > threshold) | torch.eye(6, dtype=torch.bool)
+    assert not torch.equal(keep, (unmasked > threshold) | torch.eye(6, dtype=torch.bool))
+    valid = torch.arange(n) >= pad
+    allowed = torch.zeros(1, 4, n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(i + 1):
+            allowed[..., i, j] = keep[..., i // 8, j // 8] & valid[j]
+    want = naive(query, key, value, allowed, 0.25)
+    mask = (torch.ones(n, n, dtype=torch.bool).tril() & valid)[None, None]
+    module.attn_gate.pending = (q_pre, k_pre)
+    with torch.no_grad():
+        got = seer_attention(config, query, key, value, mask, 0.25, module, position_ids=pos)
+    assert (got.double() - want)[:, :, pad:].abs().max() < 1e-5
+
+
+def test_32k_layout_keeps_the_diagonal_when_the_threshold_keeps_nothing():
+    """512 blocks of 64 tokens, near-uniform gate scores: with the default threshold 2e-3 the rows past
+    ~500 blocks have no probability above it (the official rule selects nothing there); each query
+    block must still attend to its own block."""
+    from vzoo.kernels import BlockSparseLayout
+    from vzoo.lm.seer import _selected_blocks
+
+    n = 512
+    logits = 1e-3 * torch.randn(1, 2, n, n, generator=torch.Generator().manual_seed(0))
+    logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    official = torch.softmax(logits, -1) > 2e-3
+    assert not official[..., -1, :].any()  # the case the fix is for
+    chosen = _selected_blocks(SeerAttentionConfig(), logits)
+    layout = BlockSparseLayout.from_block_mask(chosen, 64, 64, n * 64, n * 64)
+    assert int(layout.kv_num_blocks.min()) >= 1
+    rows = torch.arange(n)
+    assert bool((layout.kv_indices == rows[:, None]).any(-1).all())  # every row lists its diagonal block
+    assert torch.equal(chosen, (official | torch.eye(n, dtype=torch.bool)) & torch.ones(n, n, dtype=torch.bool).tril())
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -1,11 +1,22 @@
-"""What the LM methods share about layers: choosing them and undoing what was attached to them."""
+"""What the LM methods share about layers: choosing them, undoing what was attached to them, dense
+attention and the rule for falling back to it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["Attachment", "key_validity", "select_layers"]
+from vzoo.kernels import dense_is_faster
+from vzoo.kernels.reference import visible_keys
+from vzoo.kernels.torch_backend import masked_sdpa
+
+__all__ = [
+    "Attachment", "dense_attention", "key_validity", "keep_full_cache", "run_dense", "select_layers",
+    "swap_cache_layer",
+]
 
 
 def select_layers(owner: str, layers: tuple[int, ...] | None, num_layers: int) -> tuple[int, ...]:
@@ -19,9 +30,11 @@ def select_layers(owner: str, layers: tuple[int, ...] | None, num_layers: int) -
 
 def key_validity(attention_mask: torch.Tensor) -> torch.Tensor:
     """bool ``[B, kv]``: the keys transformers' ``[B, 1, q, kv]`` mask (bool, or additive with 0 = keep)
-    leaves visible to its last query, which sits at the last position, i.e. the unpadded keys."""
+    leaves visible to some query, i.e. the unpadded keys. (Under a sliding window the last row alone
+    would hide every key before its window; a key outside every row's window is hidden by the window
+    rule the methods apply anyway.)"""
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    return mask[:, 0, -1, :]
+    return mask[:, 0].any(-2)
 
 
 class Attachment:
@@ -37,3 +50,72 @@ class Attachment:
         for name in self.attrs:
             if hasattr(self.module, name):
                 delattr(self.module, name)
+
+
+def dense_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """The model's own attention, as SDPA: ``query [B, H, q, D]`` (the last ``q`` positions), ``key, value
+    [B, Hkv, kv, D]``, transformers' mask (bool or additive ``[B, 1, q, kv]``; ``None``: causal only) and
+    the layer's ``sliding_window``. Returns ``[B, H, q, D]``; rows that see no key give zeros."""
+    sq, skv = query.shape[2], key.shape[2]
+    if attention_mask is not None:  # transformers' mask already holds causality, window and padding
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return masked_sdpa(query, key, value, mask[:, :, :, :skv], scale)
+    if sliding_window is not None and skv > sliding_window:  # not from transformers, which then passes a mask
+        return masked_sdpa(query, key, value, visible_keys(sq, skv, True, sliding_window, 0, query.device), scale)
+    # sdpa_mask leaves None only for a prompt without cache (sq == skv) or one new token
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, is_causal=sq > 1, scale=scale, enable_gqa=gqa)
+
+
+def run_dense(module: nn.Module | None, enabled: bool, density: float, device: torch.device, op: str) -> bool:
+    """Whether a call that selected ``density`` of the (causal) dense work runs dense attention instead:
+    ``enabled`` (the config's ``dense_fallback``) and above the break-even density of ``op`` on
+    ``device`` (:func:`vzoo.kernels.dense_is_faster`). Records the call on ``module.vzoo_density``."""
+    dense = enabled and dense_is_faster(density, device, op)
+    stats = getattr(module, "vzoo_density", None)
+    if stats is not None:
+        stats.add(density, dense)
+    return dense
+
+
+def swap_cache_layer(module: nn.Module, kwargs: dict, swap: Callable) -> None:
+    """In the KV cache of this call of the attention ``module`` (its ``cache=`` / ``past_key_values=``
+    argument, transformers 5.x / 4.57), replace the module's layer by ``swap(layer)`` unless that is
+    ``None``, carrying over the tokens it holds. For forward pre-hooks."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    i = module.layer_idx
+    if getattr(cache, "layer_class_to_replicate", None) is not None:
+        while len(layers) <= i:
+            layers.append(cache.layer_class_to_replicate())
+    if i >= len(layers) or (new := swap(layers[i])) is None:
+        return
+    old, layers[i] = layers[i], new
+    if old.is_initialized and old.keys.numel():
+        new.update(old.keys, old.values)
+
+
+def keep_full_cache(module: nn.Module):
+    """A forward pre-hook on the attention ``module`` that replaces its sliding-window cache layer
+    (transformers keeps only the last ``window - 1`` tokens there) by a full ``DynamicLayer``, so cache
+    indices stay absolute positions (MoBA's blocks, LongGen's strides). Installed on every layer of a
+    model with sliding-window layers, so transformers builds all masks at full length (the window rule
+    stays in them). Returns the hook handle."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    def full(layer):
+        if not isinstance(layer, DynamicSlidingWindowLayer):
+            return None
+        if layer.is_initialized and layer.cumulative_length > layer.keys.shape[-2]:
+            raise ValueError(
+                f"the KV cache already evicted tokens of sliding-window layer {module.layer_idx}; start the cache "
+                "after apply_sparse_attention"
+            )
+        return DynamicLayer()
+
+    return module.register_forward_pre_hook(lambda mod, args, kwargs: swap_cache_layer(mod, kwargs, full), with_kwargs=True)

@@ -11,6 +11,11 @@ KV-cache friendly pattern:
   counted from position 0 (absolute, so a block used by a later token is used by all earlier ones).
 
 Both run on :func:`vzoo.kernels.block_sparse_attention` with a :meth:`BlockSparseLayout.static` layout.
+
+On a model's own sliding-window layers (window ``W``) the pattern is intersected with the window at
+token level: ``local_stride`` keeps its layout under the window rule; ``sink_window`` becomes a plain
+window of ``min(W, window)`` when ``sink == 0`` or ``W <= window`` (the sink then always lies outside
+``W`` or inside the LongGen window); other combinations are refused by ``apply_sparse_attention``.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from transformers.cache_utils import DynamicLayer
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention, sink_window_attention
 from vzoo.registry import Method, register_method
 
-from .layers import key_validity, select_layers
+from .layers import key_validity, select_layers, swap_cache_layer
 
-__all__ = ["LongGenConfig", "SinkWindowLayer", "attach_eviction", "longgen_attention"]
+__all__ = ["LongGenConfig", "SinkWindowLayer", "attach_eviction", "longgen_attention", "longgen_window_error"]
 
 PATTERNS = ("sink_window", "local_stride")
 
@@ -97,24 +102,38 @@ def _stride_layout(config: LongGenConfig, q_len: int, kv_len: int, device: torch
     )
 
 
+def longgen_window_error(config: LongGenConfig, window: int) -> str | None:
+    """Why ``config`` cannot be intersected exactly with a model's sliding ``window`` (``None``: it can)."""
+    if config.pattern == "sink_window" and config.sink and window > config.window:
+        return (f"it is wider than window={config.window} with sink={config.sink}, and their intersection is not a "
+                f"sink+window pattern; use sink=0 or window >= {window}")
+    return None
+
+
 def longgen_attention(
     config: LongGenConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, scale: float, module=None, **_,
+    attention_mask: torch.Tensor | None, scale: float, module=None, sliding_window: int | None = None, **_,
 ) -> torch.Tensor:
     """LongGen sparse attention over ``query [B, H, q, D]`` (after RoPE), the last ``q`` of ``key, value
     [B, Hkv, kv, D]`` (on evicting layers: the sink, the kept window and the new tokens);
-    ``attention_mask`` is transformers' (``None``: causal only). Returns ``[B, H, q, D]``."""
+    ``attention_mask`` is transformers' (``None``: causal only); ``sliding_window`` the model's own
+    window on this layer (intersected, see the module docstring). Returns ``[B, H, q, D]``."""
     sq, skv = query.shape[2], key.shape[2]
     if config.pattern == "local_stride":
         layout = _stride_layout(config, sq, skv, query.device)
         keys = None if attention_mask is None else key_validity(attention_mask)
-        return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, key_mask=keys)
-    sink, keys = config.sink, None
+        return block_sparse_attention(
+            query, key, value, layout, causal=True, scale=scale, key_mask=keys, window=sliding_window
+        )
+    sink, window, keys = config.sink, config.window, None
+    if sliding_window is not None and (not sink or sliding_window <= window):
+        sink, window = 0, min(window, sliding_window)
     if attention_mask is not None:  # padding (sdpa_mask gives None when only causality applies)
         keys = key_validity(attention_mask)
         if keys.shape[-1] > skv:  # the cache evicted the middle: keep the sink's and the tail's columns
-            keys = torch.cat([keys[:, :sink], keys[:, keys.shape[-1] - (skv - sink) :]], -1)
-    return sink_window_attention(query, key, value, config.window, sink, scale=scale, block=config.block_size, key_mask=keys)
+            kept = config.sink
+            keys = torch.cat([keys[:, :kept], keys[:, keys.shape[-1] - (skv - kept) :]], -1)
+    return sink_window_attention(query, key, value, window, sink, scale=scale, block=config.block_size, key_mask=keys)
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -153,21 +172,10 @@ def attach_eviction(model: nn.Module, module: nn.Module, config: LongGenConfig):
     if not config.evicts:
         return None
 
-    def hook(mod, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # 5.x / 4.57 argument names
-        layers = getattr(cache, "layers", None)
-        if layers is None:
-            return
-        i = mod.layer_idx
-        if getattr(cache, "layer_class_to_replicate", None) is not None:
-            while len(layers) <= i:
-                layers.append(cache.layer_class_to_replicate())
-        if i < len(layers) and type(layers[i]) is DynamicLayer:
-            old, layers[i] = layers[i], SinkWindowLayer(config.sink, config.window)
-            if old.is_initialized and old.keys.numel():
-                layers[i].update(old.keys, old.values)
+    def evicting(layer):
+        return SinkWindowLayer(config.sink, config.window) if type(layer) is DynamicLayer else None
 
-    return module.register_forward_pre_hook(hook, with_kwargs=True)
+    return module.register_forward_pre_hook(lambda mod, args, kwargs: swap_cache_layer(mod, kwargs, evicting), with_kwargs=True)
 
 
 register_method(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from vzoo.kernels import merge_attention_states, token_routed_attention
 from vzoo.registry import Method, register_method
 
-from .layers import Attachment, key_validity, select_layers
+from .layers import Attachment, dense_attention, key_validity, run_dense, select_layers
 
 __all__ = ["KeyConv", "MoBAConfig", "attach_key_conv", "moba_attention", "moba_routing"]
 
@@ -38,12 +38,17 @@ class MoBAConfig:
         topk: blocks per query, its own block included.
         layers: layer indices that use MoBA (``None``: all); the others keep SDPA.
         key_conv: width of the depthwise causal key convolution (0: none).
+        dense_fallback: a call whose routing selects more of the causal (query, key) pairs than the
+            break-even density of this device (:func:`vzoo.kernels.dense_is_faster`, op ``"moba"``)
+            runs dense attention instead (MoBA and full attention are interchangeable by design):
+            never slower than dense. ``False``: always the routing, as the official code.
     """
 
     block_size: int = 512
     topk: int = 3
     layers: tuple[int, ...] | None = None
     key_conv: int = 0
+    dense_fallback: bool = True
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """The layers that use MoBA."""
@@ -58,6 +63,8 @@ class MoBAConfig:
             raise ValueError(f"MoBAConfig.layers={self.layers!r} must be None or non-negative layer indices")
         if not isinstance(self.key_conv, int) or self.key_conv < 0:
             raise ValueError(f"MoBAConfig.key_conv={self.key_conv!r} must be a non-negative int (0: no convolution)")
+        if not isinstance(self.dense_fallback, bool):
+            raise ValueError(f"MoBAConfig.dense_fallback={self.dense_fallback!r} must be a bool")
 
 
 class KeyConv(nn.Module):
@@ -95,9 +102,10 @@ def attach_key_conv(model: nn.Module, module: nn.Module, config: MoBAConfig) -> 
 
 
 @torch.no_grad()
-def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, window: int | None = None) -> torch.Tensor:
     """Key-block ids per query ``[B, H, Sq, topk]`` (``-1`` unused): slot 0 is the own block, then the best
-    ``topk - 1`` complete past blocks. ``q [B, H, Sq, D]`` are the last ``Sq`` of ``Skv`` positions."""
+    ``topk - 1`` complete past blocks. ``q [B, H, Sq, D]`` are the last ``Sq`` of ``Skv`` positions.
+    With a sliding ``window``, blocks wholly before the query's window are no candidates."""
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     pos = torch.arange(skv - sq, skv, device=q.device)
@@ -110,32 +118,53 @@ def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int) -
     gate = q.float() @ means.transpose(-1, -2)  # [B, H, Sq, full]
     ends = (torch.arange(full, device=q.device) + 1) * block_size
     gate = gate.masked_fill(ends > pos[:, None], float("-inf"))  # only blocks that end before the query
+    if window is not None:  # and that reach into its window (their last key j = end - 1 > pos - window)
+        gate = gate.masked_fill(ends <= pos[:, None] - window + 1, float("-inf"))
     n = min(topk - 1, full)
     best = gate.topk(n, dim=-1)
     picked = torch.where(torch.isfinite(best.values), best.indices, -1)
     return torch.cat([own, picked], -1)
 
 
+def routed_density(block_idx: torch.Tensor, skv: int, block_size: int, window: int | None = None) -> float:
+    """Share of the causal (and windowed) (query, key) pairs the routing ``block_idx [B, H, Sq, K]`` of
+    :func:`moba_routing` selects, for queries at the last ``Sq`` of ``skv`` positions."""
+    sq = block_idx.shape[2]
+    pos = torch.arange(skv - sq, skv, device=block_idx.device)
+    first = (pos - window + 1).clamp_min(0) if window else torch.zeros_like(pos)  # first visible key
+    start = block_idx * block_size
+    end = torch.minimum(start + block_size, pos[:, None] + 1)
+    picked = (end - torch.maximum(start, first[:, None])).clamp_min(0) * (block_idx >= 0)
+    total = int((pos + 1 - first).sum()) * block_idx.shape[0] * block_idx.shape[1]
+    return int(picked.sum()) / total
+
+
 def moba_attention(
     config: MoBAConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, scale: float, module=None, **_,
+    attention_mask: torch.Tensor | None, scale: float, module=None, sliding_window: int | None = None, **_,
 ) -> torch.Tensor:
     """MoBA over ``query [B, H, q, D]`` (after RoPE), the last ``q`` of ``key, value [B, Hkv, kv, D]``;
     ``attention_mask`` is transformers' (``None``: causal only, else bool / additive ``[B, 1, q, kv]``).
-    Returns ``[B, H, q, D]``. A ``module`` with a ``vzoo_key_conv`` convolves the keys first."""
+    Returns ``[B, H, q, D]``. A ``module`` with a ``vzoo_key_conv`` convolves the keys first. On a
+    model's sliding-window layer each query also keeps only the last ``sliding_window`` keys."""
     conv = getattr(module, "vzoo_key_conv", None)
     key = conv(key) if conv is not None else key
-    block_idx = moba_routing(query, key, config.block_size, config.topk)
+    window = sliding_window
+    block_idx = moba_routing(query, key, config.block_size, config.topk, window)
+    density = routed_density(block_idx, key.shape[2], config.block_size, window)
+    if run_dense(module, config.dense_fallback, density, query.device, "moba"):
+        return dense_attention(query, key, value, attention_mask, scale, window)
     keys = None if attention_mask is None else key_validity(attention_mask)
     own_block = block_idx[:1, :1, :, :1]  # the same for every row and head
     own, lse = token_routed_attention(
-        query, key, value, own_block, block_n=config.block_size, causal=True, scale=scale, return_lse=True, key_mask=keys
+        query, key, value, own_block, block_n=config.block_size, causal=True, scale=scale, return_lse=True, key_mask=keys,
+        window=window,
     )
     past = block_idx[..., 1:]
     if not past.shape[-1]:  # top-1, or no complete past block yet (otherwise some query has a candidate)
         return own
     routed, lse_r = token_routed_attention(
-        query, key, value, past, block_n=config.block_size, scale=scale, return_lse=True, key_mask=keys
+        query, key, value, past, block_n=config.block_size, scale=scale, return_lse=True, key_mask=keys, window=window
     )
     return merge_attention_states([own, routed], [lse, lse_r])[0]
 

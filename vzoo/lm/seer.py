@@ -9,14 +9,16 @@ positions and scores query blocks against block-causal key blocks.
 - Training (``model.train()``): attention stays dense (SDPA, exact) and each gate stores its
   self-distillation loss: KL divergence between ``log_softmax`` of its scores and the block max-pooled
   attention map of the frozen model (rows renormalised), skipping the first quarter of query blocks.
-- Inference: gate probabilities above ``threshold`` (or the ``topk`` best per row) select the blocks of
-  :func:`vzoo.kernels.block_sparse_attention`. Decoding steps and chunked prefill stay dense, as in the
-  prefill-sparse reference.
+- Inference: gate probabilities above ``threshold`` (or the ``topk`` best per row), plus each query
+  block's own diagonal block, select the blocks of :func:`vzoo.kernels.block_sparse_attention`
+  (dense attention instead when the selection is above the device's break-even density,
+  ``dense_fallback``). Decoding steps and chunked prefill stay dense, as in the prefill-sparse reference.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, attention_block_max, block_sparse_attention
-from vzoo.kernels.torch_backend import masked_sdpa
 from vzoo.registry import Method, register_method
 
-from .layers import Attachment, key_validity, select_layers
+from .layers import Attachment, dense_attention, key_validity, run_dense, select_layers
 
 __all__ = [
     "AttnGate", "SeerAttentionConfig", "attach_gate", "block_recall", "gate_parameters", "load_gates", "save_gates",
@@ -49,9 +50,13 @@ class SeerAttentionConfig:
         hidden: gate projection width (``None``: the head dim).
         threshold: keep blocks whose gate probability exceeds it (official default 2e-3).
         topk: keep the ``topk`` best blocks per row instead (overrides ``threshold``).
-        last_block_dense: the last query block attends to every key block.
+        last_block_dense: the last two query blocks attend to every key block (as the official).
         force_double: project queries too, even when one Q pooling and ``hidden == head_dim``.
         layers: layer indices with gates (``None``: all); the others keep SDPA.
+        dense_fallback: a prompt whose selection is denser than the break-even density of this
+            device (:func:`vzoo.kernels.dense_is_faster`, op ``"seerattention"``) runs dense attention
+            instead (the model the gates approximate): never slower than dense. ``False``: always the
+            selection, as the official code.
     """
 
     block_size: int = 64
@@ -63,6 +68,7 @@ class SeerAttentionConfig:
     last_block_dense: bool = False
     force_double: bool = False
     layers: tuple[int, ...] | None = None
+    dense_fallback: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -79,6 +85,8 @@ class SeerAttentionConfig:
             raise ValueError(f"SeerAttentionConfig.topk={self.topk!r} must be None or a positive int")
         if self.layers is not None and not all(isinstance(i, int) and i >= 0 for i in self.layers):
             raise ValueError(f"SeerAttentionConfig.layers={self.layers!r} must be None or non-negative layer indices")
+        if not isinstance(self.dense_fallback, bool):
+            raise ValueError(f"SeerAttentionConfig.dense_fallback={self.dense_fallback!r} must be a bool")
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """The layers that get gates."""
@@ -127,7 +135,10 @@ class AttnGate(nn.Module):
     ``position_ids [B, S]`` and returns block-causal logits ``[B, Hq, NB, NB]`` (``finfo.min`` above
     the block diagonal)."""
 
-    def __init__(self, config: SeerAttentionConfig, heads: int, kv_heads: int, head_dim: int, rotary: nn.Module) -> None:
+    def __init__(
+        self, config: SeerAttentionConfig, heads: int, kv_heads: int, head_dim: int, rotary: nn.Module,
+        layer_type: str | None = None,
+    ) -> None:
         super().__init__()
         self.block, self.q_pooling, self.k_pooling = config.block_size, config.q_pooling, config.k_pooling
         self.heads, self.kv_heads = heads, kv_heads
@@ -140,6 +151,8 @@ class AttnGate(nn.Module):
             self.mask_linear_q = None
             self.mask_linear_k = MultiHeadLinear(heads, head_dim * len(config.k_pooling), hidden)
         self.rotary = rotary  # RoPE of width ``hidden`` (no parameters)
+        # models with per-layer-type RoPE (Gemma 3: local / global bases) take the layer's type
+        self.rope_kwargs = {"layer_type": layer_type} if "layer_type" in inspect.signature(rotary.forward).parameters else {}
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # pre-RoPE q, k of the current call
         self.loss: torch.Tensor | None = None  # last distillation loss (training)
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # last (logits, target), detached
@@ -153,7 +166,7 @@ class AttnGate(nn.Module):
             kp = self.mask_linear_k(kp).repeat_interleave(group, 1)
         else:
             kp = self.mask_linear_k(kp.repeat_interleave(group, 1))
-        cos, sin = self.rotary(qp, position_ids[:, :: self.block])
+        cos, sin = self.rotary(qp, position_ids[:, :: self.block], **self.rope_kwargs)
         qp, kp = _rotate(qp, cos.to(qp.dtype), sin.to(qp.dtype)), _rotate(kp, cos.to(kp.dtype), sin.to(kp.dtype))
         logits = (qp @ kp.transpose(-1, -2)) / math.sqrt(self.hidden)
         n = logits.shape[-1]
@@ -174,17 +187,23 @@ def _block_rotary(model: nn.Module, hidden: int) -> nn.Module:
 
 
 def attach_gate(model: nn.Module, module: nn.Module, config: SeerAttentionConfig) -> Attachment:
-    """Give ``module`` its ``attn_gate`` and hooks that hand it the pre-RoPE projections."""
+    """Give ``module`` its ``attn_gate`` and hooks that hand it the pre-RoPE projections (after the
+    per-head ``q_norm`` / ``k_norm`` of models that have them, Qwen3 and Gemma 3, as the official
+    Qwen3 SeerAttention feeds its gate)."""
     ref = module.q_proj.weight
     cfg = module.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    gate = AttnGate(config, heads, kv_heads, module.head_dim, _block_rotary(model, config.hidden or module.head_dim))
+    rotary = _block_rotary(model, config.hidden or module.head_dim)
+    gate = AttnGate(config, heads, kv_heads, module.head_dim, rotary, getattr(module, "layer_type", None))
     module.attn_gate = gate.to(ref.device, ref.dtype)
     shape = {}
 
     def grab(name: str, n_heads: int):
+        norm = getattr(module, f"{name}_norm", None)  # RMSNorm over the head dim: the same in any layout
+
         def hook(mod, args, out):
-            shape[name] = out.unflatten(-1, (n_heads, -1)).transpose(1, 2)  # [B, H, S, D]
+            x = out.unflatten(-1, (n_heads, -1))
+            shape[name] = (x if norm is None else norm(x)).transpose(1, 2)  # [B, H, S, D]
             if name == "k":
                 gate.pending = (shape.pop("q"), shape.pop("k"))
         return hook
@@ -200,48 +219,88 @@ def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _selected_blocks(config: SeerAttentionConfig, logits: torch.Tensor) -> torch.Tensor:
-    """bool ``[B, H, NB, NB]`` blocks to compute, from gate logits (block-causal)."""
+    """bool ``[B, H, NB, NB]`` blocks to compute, from gate logits (block-causal), always with the
+    diagonal.
+
+    The official rule (``seer_attn/modules/common.py``, ``get_sparse_attn_mask_from_threshold`` /
+    ``_from_nz_ratio``) keeps nothing else: past about ``1 / threshold`` blocks (500 at the default 2e-3)
+    a near-uniform row has no probability above the threshold, and the official Triton kernel then
+    divides by a zero softmax sum. vzoo always keeps each query block's own (diagonal) block, so
+    every query sees at least itself; rows that selected anything keep the official selection plus
+    that block. Under ``topk`` the diagonal is one of the ``topk`` blocks (the official top-k may
+    leave it out). ``last_block_dense`` makes the last two query blocks dense, as the official does."""
     n = logits.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=logits.device).tril()
-    if config.topk is not None:
-        chosen = _topk_mask(logits, config.topk)
+    diagonal = torch.eye(n, dtype=torch.bool, device=logits.device)
+    if config.topk is not None:  # the diagonal counts as one of the topk, as MoBA's own block does
+        chosen = _topk_mask(logits.masked_fill(diagonal, float("inf")), config.topk)
     else:
         chosen = torch.softmax(logits.float(), -1) > config.threshold
     if config.last_block_dense:
-        chosen[..., -1, :] = True
-    return chosen & causal
+        chosen[..., -2:, :] = True
+    return (chosen | diagonal) & causal
 
 
 def seer_attention(
     config: SeerAttentionConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, scale: float, module=None, position_ids: torch.Tensor | None = None, **_,
+    attention_mask: torch.Tensor | None, scale: float, module=None, position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None, **_,
 ) -> torch.Tensor:
     """SeerAttention over ``query [B, H, q, D]`` (after RoPE), the last ``q`` of ``key, value
     [B, Hkv, kv, D]``; ``module`` carries the ``attn_gate`` (see :func:`attach_gate`). Returns
-    ``[B, H, q, D]``."""
+    ``[B, H, q, D]``. On a model's sliding-window layer each query also keeps only the last
+    ``sliding_window`` keys (gate distillation there is refused: its target has no window)."""
     gate: AttnGate = module.attn_gate
     pending, gate.pending = gate.pending, None
     sq, skv = query.shape[2], key.shape[2]
     keys = None if attention_mask is None else key_validity(attention_mask)[:, :skv]
     prefill = sq == skv and sq > 1 and pending is not None
+    if module.training and prefill and sliding_window is not None:
+        raise ValueError(
+            f"SeerAttention gate distillation on sliding-window layers (sliding_window={sliding_window}, layer "
+            f"{module.layer_idx}) is not supported; leave those layers out of SeerAttentionConfig.layers"
+        )
     if module.training or not prefill:  # dense: distillation, decoding, chunked prefill
-        if attention_mask is not None:  # transformers' mask already holds causality and padding
-            mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-            out = masked_sdpa(query, key, value, mask[:, :, :, :skv], scale)
-        else:  # sdpa_mask leaves None only for a prompt without cache (sq == skv) or one new token
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=sq > 1, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+        out = dense_attention(query, key, value, attention_mask, scale, sliding_window)
         if module.training and prefill:
             gate.loss = _distill_loss(gate, pending, query, key, keys, position_ids, scale)
         return out
     with torch.no_grad():
         logits = gate(*pending, _positions(position_ids, sq, query.device))
+        if keys is not None:  # as the official gate mask: key blocks made only of padding get no probability
+            nb = logits.shape[-1]
+            pad = F.pad(~keys, (0, nb * gate.block - skv), value=True).view(-1, nb, gate.block).all(-1)  # [B, NB]
+            logits = logits.masked_fill(pad[:, None, None, :], torch.finfo(logits.dtype).min)
         chosen = _selected_blocks(config, logits)
+    if run_dense(module, config.dense_fallback, selected_density(chosen, gate.block, sq), query.device, "seerattention"):
+        return dense_attention(query, key, value, attention_mask, scale, sliding_window)
     layout = BlockSparseLayout.from_block_mask(chosen, gate.block, gate.block, sq, skv)
-    return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, key_mask=keys)
+    return block_sparse_attention(
+        query, key, value, layout, causal=True, scale=scale, key_mask=keys, window=sliding_window
+    )
+
+
+def selected_density(chosen: torch.Tensor, block: int, n: int) -> float:
+    """Share of the causal (query, key) token pairs of an ``n``-token prompt that the block selection
+    ``chosen [B, H, NB, NB]`` (bool, blocks of ``block`` tokens) computes (the model's window aside)."""
+    size = torch.full((chosen.shape[-1],), float(block), dtype=torch.float64, device=chosen.device)
+    size[-1] = n - block * (chosen.shape[-1] - 1)
+    pairs = (size[:, None] * size[None]).tril(-1) + torch.diag(size * (size + 1) / 2)
+    return float((chosen * pairs).sum() / (chosen.shape[0] * chosen.shape[1] * n * (n + 1) / 2))
 
 
 def _positions(position_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)[None] if position_ids is None else position_ids
+
+
+def distill_target(
+    query: torch.Tensor, key: torch.Tensor, block: int, scale: float, keys: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gates' training target ``[B, H, NB, NB]``: the block max-pooled causal attention map of
+    ``query [B, H, S, D]`` (after RoPE) over ``key [B, Hkv, S, D]`` (the unpadded ``keys [B, S]``), rows
+    renormalised to sum to 1 (the official attention-pooling kernel's ``Po``)."""
+    target = attention_block_max(query, key, block, scale=scale, key_mask=keys)
+    return target / target.sum(-1, keepdim=True).clamp_min(1e-20)
 
 
 def _distill_loss(gate: AttnGate, pending, query, key, keys, position_ids, scale) -> torch.Tensor:
@@ -249,8 +308,7 @@ def _distill_loss(gate: AttnGate, pending, query, key, keys, position_ids, scale
     over elements); the target is the renormalised block max-pooled map of the dense attention."""
     q_pre, k_pre = (t.detach() for t in pending)
     logits = gate(q_pre, k_pre, _positions(position_ids, query.shape[2], query.device))
-    target = attention_block_max(query.detach(), key.detach(), gate.block, scale=scale, key_mask=keys)
-    target = target / target.sum(-1, keepdim=True).clamp_min(1e-20)
+    target = distill_target(query.detach(), key.detach(), gate.block, scale, keys)
     gate.last = (logits.detach(), target)
     start = logits.shape[2] // 4
     logp, target = F.log_softmax(logits[:, :, start:].float(), -1), target[:, :, start:]
