@@ -11,23 +11,32 @@ checkpoints (weights under ``"model"``, keys ``downsample_layers.*``, ``stages.i
 
 Any input size works: every routing stage zero-pads to a multiple of ``n_win`` as the official
 ``auto_pad`` does (at 224 x 224 nothing is padded, exactly as the released classifiers run).
+
+Dense prediction: ``dense="det"`` / ``dense="seg"`` builds the official detection / segmentation backbone
+(``object_detection/`` and ``semantic_segmentation/`` ``BiFormer_mm``: ``n_win`` 16 / 8 with auto-padding,
+no classifier or final norm, a LayerNorm2d ``extra_norms.i`` on each stage output). ``features_only=True``
+defaults to ``dense="det"``; mmdet/mmseg checkpoints (``backbone.*`` keys) load through
+:func:`checkpoint_filter_fn`.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FX writes forward()'s annotations into the traced code as
+# names, and TorchScript (timm's fx-torchscript test) must resolve them.
 import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vzoo.biformer import AttentionLePE, BiLevelRoutingAttention
 
-__all__ = ["BiFormer", "checkpoint_filter_fn"]
+__all__ = ["BiFormer", "checkpoint_filter_fn", "DENSE_N_WIN"]
+
+DENSE_N_WIN = {"det": 16, "seg": 8}
+"""Regions per side of the official dense configurations (COCO at 800 x 1333 / ADE20K at 512 x 512 crops)."""
 
 
 class BiFormerBlock(nn.Module):
@@ -91,9 +100,12 @@ class BiFormer(nn.Module):
         dims: channels per stage.
         num_heads: heads per stage (BRA stages: ``dim // 32``; stage 4: 8).
         topks: routed regions per stage, ``None`` for plain attention.
-        n_win: regions per side in the routing stages.
+        n_win: regions per side in the routing stages (default 7, or ``DENSE_N_WIN[dense]``).
         mlp_ratio: MLP hidden width / dim.
         in_chans, num_classes, global_pool ('avg' or ''), drop_rate, drop_path_rate: as in timm.
+        dense: ``"det"`` or ``"seg"`` for the official dense-prediction backbone: no classifier
+            (``num_classes`` is ignored) and no final BatchNorm; every stage output passes through its
+            ``extra_norms`` LayerNorm2d (``forward_intermediates``; ``forward_features`` gives the last).
     """
 
     def __init__(
@@ -102,7 +114,7 @@ class BiFormer(nn.Module):
         dims: Sequence[int] = (64, 128, 256, 512),
         num_heads: Sequence[int] = (2, 4, 8, 8),
         topks: Sequence[int | None] = (1, 4, 16, None),
-        n_win: int = 7,
+        n_win: int | None = None,
         mlp_ratio: float = 3.0,
         side_dwconv: int = 5,
         in_chans: int = 3,
@@ -110,8 +122,15 @@ class BiFormer(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        dense: str | None = None,
     ) -> None:
         super().__init__()
+        if dense is not None and dense not in DENSE_N_WIN:
+            raise ValueError(f"BiFormer: dense={dense!r} must be None, 'det' or 'seg'")
+        if n_win is None:
+            n_win = DENSE_N_WIN[dense] if dense else 7
+        if dense:
+            num_classes = 0
         if global_pool not in ("avg", ""):
             raise ValueError(f"BiFormer: global_pool={global_pool!r} must be 'avg' or ''")
         if not len(depths) == len(dims) == len(num_heads) == len(topks):
@@ -138,7 +157,8 @@ class BiFormer(nn.Module):
             )
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2**i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.BatchNorm2d(dims[-1])
+        self.norm = nn.Identity() if dense else nn.BatchNorm2d(dims[-1])
+        self.extra_norms = nn.ModuleList([LayerNorm2d(d) for d in dims]) if dense else None
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -176,8 +196,9 @@ class BiFormer(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` -> ``[N, C4, H/32, W/32]`` (after the final BatchNorm)."""
-        return self.norm(self.stages(self.stem(x)))
+        """``[N, 3, H, W]`` -> ``[N, C4, H/32, W/32]`` (after the final BatchNorm, or the last extra norm)."""
+        x = self.stages(self.stem(x))
+        return self.norm(x) if self.extra_norms is None else self.extra_norms[-1](x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -198,28 +219,42 @@ class BiFormer(nn.Module):
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs (NCHW) at ``indices`` (last n if int, all if None); ``norm`` applies the final
-        BatchNorm to the last stage's output. Returns them, or ``(final features, them)``."""
+        BatchNorm to the last stage's output. A dense model returns every output through its extra norm,
+        as the official dense backbones do. Returns them, or ``(final features, them)``."""
         if output_fmt != "NCHW":
-            raise ValueError(f"BiFormer.forward_intermediates: output_fmt={output_fmt!r}; only 'NCHW' is supported")
+            raise ValueError(f"BiFormer.forward_intermediates: output_fmt='{output_fmt}'; only 'NCHW' is supported")
         take, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[: max_index + 1] if stop_early else self.stages
         last = len(self.stages) - 1
-        intermediates = []
+        stop = max_index if stop_early else last
+        intermediates: list[torch.Tensor] = []
         x = self.stem(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                intermediates.append(self.norm(x) if norm and i == last else x)
+        for i, stage in enumerate(self.stages):  # no slicing or break: TorchScript unrolls this loop
+            if i <= stop:
+                x = stage(x)
+                if i in take:
+                    intermediates.append(self._output(i, x, norm and i == last))
         if intermediates_only:
             return intermediates
-        if i == last:
-            x = self.norm(x)
+        if stop == last:
+            x = self._output(last, x, True)
         return x, intermediates
+
+    def _output(self, i: int, x: torch.Tensor, final_norm: bool) -> torch.Tensor:
+        """Stage ``i``'s output as returned: through ``extra_norms[i]`` (dense), else through the final
+        BatchNorm if ``final_norm``."""
+        if self.extra_norms is None:
+            return self.norm(x) if final_norm else x
+        for j, extra in enumerate(self.extra_norms):  # TorchScript indexes a ModuleList by literals only
+            if j == i:
+                x = extra(x)
+        return x
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop the stages (and norm/head) that the requested intermediates do not need."""
         take, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
+        if self.extra_norms is not None:  # the norms of outputs nobody reads go too
+            self.extra_norms = nn.ModuleList([m if i in take else nn.Identity() for i, m in enumerate(self.extra_norms[: max_index + 1])])
         if prune_norm or max_index < len(self.feature_info) - 1:
             self.norm = nn.Identity()
         if max_index < len(self.feature_info) - 1:
@@ -241,21 +276,33 @@ _KEY_RULES = (
 
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: BiFormer) -> dict[str, torch.Tensor]:
-    """Map an official BiFormer checkpoint (``{"model": state_dict}`` or the bare state dict) to vzoo's
-    names; vzoo-format state dicts pass through unchanged."""
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
+    """Map an official BiFormer checkpoint (``{"model": ...}``, an mmdet/mmseg ``{"state_dict": {"backbone.*"}}``
+    or the bare state dict) to vzoo's names; vzoo-format state dicts pass through unchanged.
+
+    ImageNet weights for a dense model lose their classifier and final norm, and the extra norms keep
+    their initialisation (what the official dense recipes' non-strict load does); a dense checkpoint
+    (``extra_norms.*``) needs a dense model."""
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+    if any(k.startswith("backbone.") for k in state_dict):
+        state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
     if "stem.0.weight" in state_dict:
         return state_dict
     if "downsample_layers.0.0.weight" not in state_dict:
         raise ValueError("checkpoint is neither an official BiFormer (downsample_layers.*) nor a vzoo state dict (stem.*)")
+    dense_ckpt = any(k.startswith("extra_norms.") for k in state_dict)
+    if dense_ckpt and model.extra_norms is None:
+        raise ValueError("checkpoint is a dense-prediction BiFormer (extra_norms.*): build the model with dense='det' or dense='seg'")
     out = {}
     for key, value in state_dict.items():
-        if key.startswith("pre_logits."):
-            continue  # an empty Identity in every released model
+        if key.startswith("pre_logits.") or (model.extra_norms is not None and key.startswith(("head.", "norm."))):
+            continue  # pre_logits: an empty Identity in every released model
         for pattern, repl in _KEY_RULES:
             key = re.sub(pattern, repl, key)
         out[key] = value
+    if model.extra_norms is not None and not dense_ckpt:
+        out.update({k: v for k, v in model.state_dict().items() if k.startswith("extra_norms.")})
     return out
 
 
@@ -291,12 +338,14 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
+    if kwargs.get("features_only"):
+        kwargs.setdefault("dense", "det")  # the official detection backbone (pass dense=None for raw stages)
     return build_model_with_cfg(
         BiFormer,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        feature_cfg={"out_indices": (0, 1, 2, 3), "feature_cls": "getter", **kwargs.pop("feature_cfg", {})},
         **kwargs,
     )
 

@@ -12,22 +12,28 @@ prior with an auxiliary classifier) -> Focus-Net (DynamicConvBlocks at /16 and /
 /16 map and the context re-injected in every block) -> conv 1x1 projection head. ``forward`` returns
 timm-style logits; built with ``aux_head=True``, :meth:`OverLoCK.forward_with_aux` adds the aux logits
 for deep supervision.
+
+Dense prediction: ``dense="det"`` / ``dense="seg"`` builds the official detection / segmentation backbone
+(``detection/models/overlock.py``, ``segmentation/models/overlock.py``): no heads, a LayerNorm2d
+``extra_norm.i`` on each of the four outputs and, for detection, ``h_proj(extra_norm.4(context))`` added to
+the last. ``features_only=True`` defaults to ``dense="det"``; mmdet/mmseg checkpoints (``backbone.*``)
+load through :func:`checkpoint_filter_fn`.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FX writes forward()'s annotations into the traced code as
+# names, and TorchScript (timm's fx-torchscript test) must resolve them.
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-from vzoo.overlock import CTXDownsample, DilatedReparamBlock, DynamicConvBlock, RepConvBlock
+from vzoo.overlock import CTXDownsample, DilatedReparamBlock, DynamicConvBlock, LayerScale, RepConvBlock
 
 __all__ = ["OverLoCK", "checkpoint_filter_fn", "AUX_LOSS_RATIO"]
 
@@ -73,6 +79,10 @@ class OverLoCK(nn.Module):
             training with :meth:`forward_with_aux`; off by default, as ``forward`` never uses it.
         projection: width of the 1x1 conv before pooling in the head.
         in_chans, num_classes, global_pool ('avg' or ''), drop_rate, drop_path_rate: as in timm.
+        dense: ``"det"`` or ``"seg"`` for the official dense-prediction backbone: no heads (``num_classes``
+            is ignored), the four outputs through ``extra_norm`` and, for ``"det"``, the projected
+            Overview context ``h_proj`` added to the last (``forward_intermediates``; ``forward_features``
+            gives the last). As in the official code, the network runs on from the normed /8 output.
     """
 
     def __init__(
@@ -95,10 +105,15 @@ class OverLoCK(nn.Module):
         global_pool: str = "avg",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
+        dense: str | None = None,
     ) -> None:
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"OverLoCK: global_pool={global_pool!r} must be 'avg' or ''")
+        if dense not in (None, "det", "seg"):
+            raise ValueError(f"OverLoCK: dense={dense!r} must be None, 'det' or 'seg'")
+        if dense and aux_head:
+            raise ValueError("OverLoCK: aux_head=True needs a classifier; the dense backbone (dense=...) has none")
         if len(depth) != 4 or len(embed_dim) != 4 or len(kernel_size) != 4 or len(sub_depth) != 2 or min(sub_depth) < 1:
             raise ValueError(
                 f"OverLoCK: depth, embed_dim and kernel_size need 4 entries and sub_depth 2 entries >= 1; got "
@@ -107,8 +122,9 @@ class OverLoCK(nn.Module):
         c0, c1, c2, c3 = embed_dim
         ctx = c3 // 4
         fusion_dim = c3 + ctx
-        self.num_classes, self.global_pool, self.drop_rate = num_classes, global_pool, drop_rate
-        self.num_features, self.head_hidden_size = fusion_dim, projection
+        self.num_classes = 0 if dense else num_classes
+        self.global_pool, self.drop_rate, self.dense = global_pool, drop_rate, dense
+        self.num_features, self.head_hidden_size = fusion_dim, fusion_dim if dense else projection
         self.grad_checkpointing = False
 
         self.patch_embed1 = _stem(in_chans, c0)
@@ -129,7 +145,7 @@ class OverLoCK(nn.Module):
             blocks = [
                 DynamicConvBlock(
                     dim, ctx, k, smk_size, sub_num_heads[s], sub_mlp_ratio[s], ls_init_value[2 + s], res_scale, next(rates),
-                    is_first=s == 0 and j == 0, is_last=s == 1 and j == sub_depth[1] - 1, deploy=deploy,
+                    is_first=s == 0 and j == 0, deploy=deploy,
                 )
                 for j in range(sub_depth[s])
             ]
@@ -138,13 +154,17 @@ class OverLoCK(nn.Module):
         self.aux_head = (
             nn.Sequential(nn.BatchNorm2d(c3), nn.AdaptiveAvgPool2d(1), self._classifier(c3, num_classes)) if aux_head else None
         )
-        self.head = nn.Sequential(
+        self.head = None if dense else nn.Sequential(
             nn.Conv2d(fusion_dim, projection, 1, bias=False),
             nn.BatchNorm2d(projection),
             nn.SiLU(),
             nn.Dropout(drop_rate),  # an empty slot in the official head (its pooling); keeps key ``head.4``
             self._classifier(projection, num_classes),
         )
+        # official dense backbones: output norms (+ the context projection for detection)
+        norms = (c0, c1, c2 + ctx, fusion_dim) + ((c3,) if dense == "det" else ())
+        self.extra_norm = nn.ModuleList([LayerNorm2d(d, eps=1e-6) for d in norms]) if dense else None
+        self.h_proj = nn.Sequential(nn.Conv2d(c3, fusion_dim, 1), LayerScale(fusion_dim, 1e-5)) if dense == "det" else None
         self.feature_info = [
             dict(num_chs=c0, reduction=4, module="blocks1"),
             dict(num_chs=c1, reduction=8, module="blocks2"),
@@ -188,7 +208,7 @@ class OverLoCK(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head[4]
+        return nn.Identity() if self.head is None else self.head[4]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New main (and aux) classifiers for ``num_classes`` (0 removes them); ``global_pool`` 'avg' or ''."""
@@ -196,6 +216,10 @@ class OverLoCK(nn.Module):
             if global_pool not in ("avg", ""):
                 raise ValueError(f"OverLoCK: global_pool={global_pool!r} must be 'avg' or ''")
             self.global_pool = global_pool
+        if self.head is None:
+            if num_classes:
+                raise ValueError(f"OverLoCK.reset_classifier: num_classes={num_classes}, but the dense backbone has no head")
+            return
         self.num_classes = num_classes
         self.head[4] = self._classifier(self.head_hidden_size, num_classes)
         if self.aux_head is not None:
@@ -210,52 +234,76 @@ class OverLoCK(nn.Module):
                 m.reparameterize()
 
     def _run(self, block: nn.Module, *args: torch.Tensor):
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        """``block(*args)``, checkpointed if enabled (eager only: TorchScript calls the blocks directly)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _forward(self, x: torch.Tensor, take: Sequence[int] = (), last: int = 3):
+    def _output(self, level: int, x: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Feature level ``level`` as returned: unchanged, or (dense) through ``extra_norm[level]``, at level 3
+        of the detection backbone plus ``h_proj(extra_norm[4](ctx))``."""
+        if self.extra_norm is None:
+            return x
+        for i, norm in enumerate(self.extra_norm):  # TorchScript indexes a ModuleList by literals only
+            if i == level:
+                x = norm(x)
+        if level == 3 and self.h_proj is not None:
+            assert ctx is not None
+            x = x + self.h_proj(self.extra_norm[4](ctx))
+        return x
+
+    def _forward(
+        self, x: torch.Tensor, take: list[int], last: int = 3
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         """Runs the network up to feature level ``last`` (0-3). Returns ``(final map, Overview context or
         None, [the levels in take])``; level 2 is ``cat[x, h]`` after the /16 Focus stage, level 3 the fused
-        /32 map that the head reads."""
-        feats = []
+        /32 map that the head reads (dense models: each level through :meth:`_output`)."""
+        feats: list[torch.Tensor] = []
         x = self.patch_embed1(x)
-        for i in range(2):
-            if i:
-                x = self.patch_embed2(x)
-            for blk in getattr(self, f"blocks{i + 1}"):
-                x = self._run(blk, x)
-            if i in take:
-                feats.append(x)
-            if last == i:
-                return x, None, feats
+        for blk in self.blocks1:
+            x = blk(x) if torch.jit.is_scripting() else self._run(blk, x)
+        if 0 in take:
+            feats.append(self._output(0, x))
+        if last == 0:
+            return x, None, feats
+        x = self.patch_embed2(x)
+        for blk in self.blocks2:
+            x = blk(x) if torch.jit.is_scripting() else self._run(blk, x)
+        x = self._output(1, x)  # the official dense backbones run on from the normed /8 map (their forward_features)
+        if 1 in take:
+            feats.append(x)
+        if last == 1:
+            return x, None, feats
         x = self.patch_embed3(x)
         for blk in self.blocks3:
-            x = self._run(blk, x)
+            x = blk(x) if torch.jit.is_scripting() else self._run(blk, x)
         ctx = self.patch_embed4(x)  # Overview-Net: the /16 Base-Net map, downsampled
         for blk in self.blocks4:
-            ctx = self._run(blk, ctx)
+            ctx = blk(ctx) if torch.jit.is_scripting() else self._run(blk, ctx)
         ctx_ori = self.high_level_proj(ctx)
         ctx_up = F.interpolate(ctx_ori, size=x.shape[2:], mode="bilinear", align_corners=False)
         h = ctx_up
         for blk in self.sub_blocks3:  # Focus-Net on the Base-Net /16 map, context re-injected every block
-            x, h = self._run(blk, x, h, ctx_up)
+            x, h = blk(x, h, ctx_up) if torch.jit.is_scripting() else self._run(blk, x, h, ctx_up)
         if 2 in take:
-            feats.append(torch.cat([x, h], 1))
+            feats.append(self._output(2, torch.cat([x, h], 1)))
         if last == 2:
             return x, ctx, feats
         x, h = self.patch_embedx(x, h)
         for blk in self.sub_blocks4:
-            x, h = self._run(blk, x, h, ctx_ori)
+            x, h = blk(x, h, ctx_ori) if torch.jit.is_scripting() else self._run(blk, x, h, ctx_ori)
+        x = self._output(3, torch.cat([x, h], 1), ctx)  # the fused /32 map (the official last block's output)
         if 3 in take:
             feats.append(x)
         return x, ctx, feats
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, 3, H, W]`` -> fused Focus-Net map ``[N, C3 + C3/4, H/32, W/32]``."""
-        return self._forward(x)[0]
+        return self._forward(x, [])[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.head is None:  # dense backbone: pooled features
+            return x.mean((2, 3)) if self.global_pool == "avg" else x
         x = self.head[2](self.head[1](self.head[0](x)))
         if self.global_pool == "avg":
             x = x.mean((2, 3), keepdim=True)
@@ -272,7 +320,7 @@ class OverLoCK(nn.Module):
         context (deep supervision; the official loss is ``ce(logits) + AUX_LOSS_RATIO * ce(aux_logits)``)."""
         if self.aux_head is None:
             raise RuntimeError("OverLoCK.forward_with_aux: this model was built with aux_head=False")
-        x, ctx, _ = self._forward(x)
+        x, ctx, _ = self._forward(x, [])
         return self.forward_head(x), self.aux_head(ctx).flatten(1)
 
     def forward_intermediates(
@@ -288,10 +336,12 @@ class OverLoCK(nn.Module):
         ``C3 + C3/4`` channels at /4, /8, /16, /32) at ``indices`` (last n if int, all if None). ``norm`` is
         accepted for API parity; OverLoCK has no final norm. Returns them, or ``(final map, them)``."""
         if output_fmt != "NCHW":
-            raise ValueError(f"OverLoCK.forward_intermediates: output_fmt={output_fmt!r}; only 'NCHW' is supported")
-        take, max_index = feature_take_indices(len(self.feature_info), indices)
+            raise ValueError(f"OverLoCK.forward_intermediates: output_fmt='{output_fmt}'; only 'NCHW' is supported")
+        take, max_index = feature_take_indices(4, indices)  # four levels (feature_info: not a TorchScript type)
         final, _, feats = self._forward(x, take, max_index if stop_early or intermediates_only else 3)
-        return feats if intermediates_only else (final, feats)
+        if intermediates_only:
+            return feats
+        return final, feats
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """Drop what the requested intermediates do not need (and the heads)."""
@@ -299,6 +349,13 @@ class OverLoCK(nn.Module):
         first_unused = {0: "patch_embed3", 1: "patch_embed3", 2: "patch_embedx"}.get(max_index)
         for name in _ORDER[_ORDER.index(first_unused) :] if first_unused else ():
             setattr(self, name, nn.ModuleList() if "blocks" in name else nn.Identity())
+        if self.extra_norm is not None:  # the norms of outputs nobody reads go too
+            needed = set(take) | {1} | ({4} if max_index == 3 else set())  # [1] also feeds the /16 stage, [4] h_proj
+            for i in range(len(self.extra_norm)):
+                if i not in needed:
+                    self.extra_norm[i] = nn.Identity()
+            if max_index < 3:
+                self.h_proj = None
         if prune_head or max_index < 3:
             self.aux_head = None
             self.reset_classifier(0, "")
@@ -307,17 +364,34 @@ class OverLoCK(nn.Module):
 
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: OverLoCK) -> dict[str, torch.Tensor]:
     """Official OverLoCK checkpoints (the bare state dict, or under ``state_dict``/``model``; DDP's
-    ``module.`` prefix removed) load unchanged; their ``aux_head.*`` is dropped when the model has no aux
-    head. A re-parameterised checkpoint (``lk_origin.bias``, no
-    ``origin_bn``) turns a not-yet-deployed ``model`` into its deploy form first; the reverse is an error."""
+    ``module.`` prefix removed; mmdet/mmseg checkpoints reduced to their ``backbone.*``) load unchanged;
+    their ``aux_head.*`` is dropped when the model has no aux head (``aux_head.2.*`` when the class count
+    differs, as timm drops the cfg's ``classifier`` ``head.4``). A re-parameterised checkpoint
+    (``lk_origin.bias``, no ``origin_bn``) turns a not-yet-deployed ``model`` into its deploy form first;
+    the reverse is an error. A dense checkpoint (``extra_norm``, detection also ``h_proj``) needs the
+    matching ``dense`` model; ImageNet weights for a dense model lose their heads and the dense modules keep
+    their initialisation (what the official dense recipes' non-strict load does)."""
     for wrapper in ("state_dict", "model"):
         if isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-    if model.aux_head is None:
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("aux_head.")}
+    if any(k.startswith("backbone.") for k in state_dict):
+        state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
     if "patch_embed1.0.weight" not in state_dict:
         raise ValueError("checkpoint is not an OverLoCK state dict: it has no 'patch_embed1.0.weight'")
+    ckpt_dense = "det" if "h_proj.0.weight" in state_dict else "seg" if "extra_norm.0.weight" in state_dict else None
+    if ckpt_dense is not None and ckpt_dense != model.dense:
+        kind = "detection (extra_norm, h_proj)" if ckpt_dense == "det" else "segmentation (extra_norm, no h_proj)"
+        raise ValueError(f"checkpoint is OverLoCK's {kind} backbone: build the model with dense='{ckpt_dense}'")
+    if model.head is None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("head.", "aux_head."))}
+        if ckpt_dense is None:
+            state_dict.update({k: v for k, v in model.state_dict().items() if k.startswith(("extra_norm.", "h_proj."))})
+    if model.aux_head is None:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("aux_head.")}
+    else:  # the aux classifier is not in the cfg's ``classifier``: at a new class count it starts afresh here
+        own = {k: v.shape for k, v in model.state_dict().items() if k.startswith("aux_head.2.")}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("aux_head.2.") or own.get(k) == v.shape}
     ckpt_deployed = any(k.endswith("lk_origin.bias") for k in state_dict)
     model_deployed = any(isinstance(m, DilatedReparamBlock) and m.deployed for m in model.modules())
     if ckpt_deployed and not model_deployed:
@@ -338,7 +412,7 @@ def _cfg(url: str = "", **kwargs) -> dict:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed1.0",
-        "classifier": ("head.4", "aux_head.2"),
+        "classifier": "head.4",  # the optional aux head's classifier is dropped or kept by checkpoint_filter_fn
         "license": "apache-2.0",
         "paper_ids": "arXiv:2502.20087",
         "paper_name": "OverLoCK: An Overview-first-Look-Closely-next ConvNet with Context-Mixing Dynamic Kernels",
@@ -359,12 +433,14 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
+    if kwargs.get("features_only"):
+        kwargs.setdefault("dense", "det")  # the official detection backbone (pass dense=None for raw levels)
     return build_model_with_cfg(
         OverLoCK,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        feature_cfg={"out_indices": (0, 1, 2, 3), "feature_cls": "getter", **kwargs.pop("feature_cfg", {})},
         **kwargs,
     )
 

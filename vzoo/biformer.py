@@ -7,7 +7,13 @@ the routed regions' keys and values (a top-k-fold copy), tokens are put in regio
 routing becomes a :class:`vzoo.kernels.BlockSparseLayout` (one block = one region) for
 :func:`vzoo.kernels.block_sparse_attention`.
 
-Both modules take and return NHWC maps ``[N, H, W, C]``.
+Both modules take and return NHWC maps ``[N, H, W, C]``, the official layout; built with
+``layout="NCHW"`` they take and return ``[N, C, H, W]`` (same numbers, permuted at the boundary).
+Both are FX leaves (``register_notrace_module``): their routing and padding depend on the map's size.
+Built under timm's ``set_scriptable(True)`` (or ``set_exportable(True)``), and whenever TorchScript compiles
+it, :class:`BiLevelRoutingAttention` attends with :func:`routed_attention` (plain torch ops, the official
+gather of the routed regions' keys and values) instead of the ``vzoo.kernels`` op: same parameters, same
+numbers (fp32 to ~1e-6), and ``torch.jit.script`` compiles it.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import is_exportable, is_scriptable, register_notrace_module
 
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
+from vzoo.map_layout import Layout, check_layout, check_map, to_layout
 from vzoo.registry import Method, register_method
 
-__all__ = ["BiLevelRoutingAttention", "AttentionLePE", "region_routing"]
+__all__ = ["BiLevelRoutingAttention", "AttentionLePE", "region_routing", "routed_attention"]
 
 
 def region_routing(q_win: torch.Tensor, k_win: torch.Tensor, topk: int, scale: float) -> torch.Tensor:
@@ -29,15 +37,36 @@ def region_routing(q_win: torch.Tensor, k_win: torch.Tensor, topk: int, scale: f
     forced in, and the top-k scores are not used to reweight values.
     """
     logits = (q_win.detach() * scale) @ k_win.detach().transpose(-1, -2)
-    return torch.topk(logits, k=topk, dim=-1).indices
+    return torch.topk(logits, k=topk, dim=-1)[1]
+
+
+def routed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of each region's tokens over the tokens of its routed regions, in plain torch ops: the
+    routed keys and values are gathered (a top-k-fold copy, as the official op does), then SDPA.
+
+    Args:
+        q, k, v: ``[N, heads, R, r, d]``: ``R`` regions of ``r`` tokens.
+        idx: ``[N, R, topk]`` routed regions per region (shared by all heads).
+        scale: softmax scale.
+
+    Returns:
+        ``[N, heads, R, r, d]``.
+    """
+    n, m, regions, r, d = k.shape
+    topk = idx.shape[-1]
+    index = idx.reshape(n, 1, regions * topk, 1).expand(n, m, regions * topk, r * d)
+    k_sel = k.reshape(n, m, regions, r * d).gather(2, index).view(n, m, regions, topk * r, d)
+    v_sel = v.reshape(n, m, regions, r * d).gather(2, index).view(n, m, regions, topk * r, d)
+    return F.scaled_dot_product_attention(q, k_sel, v_sel, scale=scale)
 
 
 class _LePEAttention(nn.Module):
     """What both BiFormer attentions share: fused qkv Linear, output Linear, depthwise LePE conv."""
 
-    def __init__(self, dim: int, num_heads: int, side_dwconv: int, qkv_bias: bool) -> None:
+    def __init__(self, dim: int, num_heads: int, side_dwconv: int, qkv_bias: bool, layout: Layout) -> None:
         super().__init__()
         name = type(self).__name__
+        self.layout = check_layout(name, layout)
         if dim % num_heads:
             raise ValueError(f"{name}: dim={dim} must be divisible by num_heads={num_heads}")
         if side_dwconv < 1 or side_dwconv % 2 == 0:
@@ -47,11 +76,14 @@ class _LePEAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
 
-    def _check(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"{type(self).__name__} expects NHWC [N, H, W, {self.dim}], got {tuple(x.shape)}")
+    def _nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """The checked input map as NHWC (TorchScript skips the check)."""
+        if not torch.jit.is_scripting():
+            check_map(x, self.layout, self.dim, type(self).__name__)
+        return to_layout(x, self.layout, "NHWC")
 
 
+@register_notrace_module
 class BiLevelRoutingAttention(_LePEAttention):
     """Bi-level routing attention over an ``n_win x n_win`` grid of regions.
 
@@ -69,6 +101,7 @@ class BiLevelRoutingAttention(_LePEAttention):
         side_dwconv: LCE kernel size.
         qkv_bias: bias of the fused qkv Linear.
         backend: kernel backend for the token attention (``None`` = default).
+        layout: ``"NHWC"`` (official) or ``"NCHW"``: the layout of the input and output maps.
     """
 
     def __init__(
@@ -80,37 +113,44 @@ class BiLevelRoutingAttention(_LePEAttention):
         side_dwconv: int = 5,
         qkv_bias: bool = True,
         backend: str | None = None,
+        layout: Layout = "NHWC",
     ) -> None:
-        super().__init__(dim, num_heads, side_dwconv, qkv_bias)
+        super().__init__(dim, num_heads, side_dwconv, qkv_bias, layout)
         if not 1 <= topk <= n_win * n_win:
             raise ValueError(f"BiLevelRoutingAttention: topk={topk} must lie in [1, n_win**2={n_win * n_win}]")
         self.n_win, self.topk = n_win, topk
         self.scale = dim**-0.5
         self.backend = backend
+        self.plain_torch = is_scriptable() or is_exportable()  # routed_attention instead of the kernel op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [N, H, W, C]`` -> ``[N, H, W, C]``; any H, W."""
-        self._check(x)
+        """``x [N, H, W, C]`` -> ``[N, H, W, C]`` (NCHW in and out with ``layout="NCHW"``); any H, W."""
+        x = self._nhwc(x)
         n, h_in, w_in, c = x.shape
         s = self.n_win
         pad_b, pad_r = -h_in % s, -w_in % s
-        if pad_b or pad_r:
+        padded = pad_b > 0 or pad_r > 0
+        if padded:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         hh, ww = h_in + pad_b, w_in + pad_r
 
         m, d, rh, rw = self.num_heads, c // self.num_heads, hh // s, ww // s
         region = rh * rw
         # region-major token order (regions row by row, tokens row by row inside), then the projection
-        xr = x.view(n, s, rh, s, rw, c).transpose(2, 3).reshape(n, s * s, region, c)
+        xr = x.reshape(n, s, rh, s, rw, c).transpose(2, 3).reshape(n, s * s, region, c)
         qkv = self.qkv(xr)  # [N, R, r, 3C]
         win = qkv[..., : 2 * c].mean(2)  # region means of q and k: [N, R, 2C]
         idx = region_routing(win[..., :c], win[..., c:], self.topk, self.scale)
-        rows = idx.sort(dim=-1).values.int()[:, None]  # [N, 1, R, topk]: distinct ids, shared by all heads
-        counts = torch.full(rows.shape[:3], self.topk, dtype=torch.int32, device=x.device)
         length = s * s * region
-        layout = BlockSparseLayout(counts, rows, region, region, length, length)
-        q, k, v = qkv.view(n, length, 3, m, d).permute(2, 0, 3, 1, 4)  # views [N, heads, L, d]
-        out = block_sparse_attention(q, k, v, layout, scale=self.scale, backend=self.backend)
+        q, k, v = qkv.view(n, length, 3, m, d).permute(2, 0, 3, 1, 4).unbind(0)  # views [N, heads, L, d]
+        if self.plain_torch or torch.jit.is_scripting():
+            regions = (n, m, s * s, region, d)
+            out = routed_attention(q.reshape(regions), k.reshape(regions), v.reshape(regions), idx, self.scale)
+        else:
+            rows = idx.sort(dim=-1).values.int()[:, None]  # [N, 1, R, topk]: distinct ids, shared by all heads
+            counts = torch.full(rows.shape[:3], self.topk, dtype=torch.int32, device=x.device)
+            layout = BlockSparseLayout(counts, rows, region, region, length, length)
+            out = block_sparse_attention(q, k, v, layout, scale=self.scale, backend=self.backend)
         # LCE on V: back to the spatial map, channels-last so the conv reads and writes NHWC memory
         v_map = qkv[..., 2 * c :].view(n, s, s, rh, rw, c).transpose(2, 3).reshape(n, hh, ww, c)
         lepe = self.lepe(v_map.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [N, H, W, C]
@@ -119,24 +159,28 @@ class BiLevelRoutingAttention(_LePEAttention):
         spatial = (n, s, rh, s, rw, m, d)
         out = lepe.reshape(spatial) + out.reshape(n, m, s, s, rh, rw, d).permute(0, 2, 4, 3, 5, 1, 6)
         out = self.proj(out.reshape(n, hh, ww, c))
-        return out[:, :h_in, :w_in] if (pad_b or pad_r) else out
+        return to_layout(out[:, :h_in, :w_in] if padded else out, "NHWC", self.layout)
 
 
+@register_notrace_module
 class AttentionLePE(_LePEAttention):
     """Plain multi-head self-attention over the whole map plus a depthwise LePE conv on the input ``x``,
-    added before the output Linear (BiFormer stage 4; scale ``head_dim ** -0.5``, no qkv bias)."""
+    added before the output Linear (BiFormer stage 4; scale ``head_dim ** -0.5``, no qkv bias).
+    ``layout``: ``"NHWC"`` (official) or ``"NCHW"``."""
 
-    def __init__(self, dim: int, num_heads: int = 8, side_dwconv: int = 5, qkv_bias: bool = False) -> None:
-        super().__init__(dim, num_heads, side_dwconv, qkv_bias)
+    def __init__(
+        self, dim: int, num_heads: int = 8, side_dwconv: int = 5, qkv_bias: bool = False, layout: Layout = "NHWC"
+    ) -> None:
+        super().__init__(dim, num_heads, side_dwconv, qkv_bias, layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [N, H, W, C]`` -> ``[N, H, W, C]``."""
-        self._check(x)
+        """``x [N, H, W, C]`` -> ``[N, H, W, C]`` (NCHW in and out with ``layout="NCHW"``)."""
+        x = self._nhwc(x)
         n, h, w, c = x.shape
-        q, k, v = self.qkv(x.reshape(n, h * w, c)).view(n, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x.reshape(n, h * w, c)).view(n, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, h, w, c)
         lepe = self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj(out + lepe)
+        return to_layout(self.proj(out + lepe), "NHWC", self.layout)
 
 
 register_method(
@@ -146,6 +190,6 @@ register_method(
         arxiv="2303.08810",
         modality="vision",
         ops=("block_sparse_attention",),
-        status="exact to the released weights; timm biformer_tiny/small/base",
+        status="exact to the official code (golden fixtures, dense backbones included); timm biformer_tiny/small/base",
     )
 )

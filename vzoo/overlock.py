@@ -6,7 +6,12 @@ Overview-Net, and ContMix: per-pixel dynamic kernels built from the affinity of 
 pooled region centres (:func:`contmix_kernels`), applied with NATTEN's border rule by
 :func:`vzoo.kernels.neighborhood_aggregate`. :class:`ContMix` is the plug-in block (``models/contmix.py``),
 :class:`DynamicConvBlock` the Focus-Net block with its context stream. Module and parameter names follow
-the official code so its checkpoints map one to one. All modules take NCHW maps.
+the official code so its checkpoints map one to one. All modules take NCHW maps (:class:`ContMix` also
+NHWC, with ``layout="NHWC"``).
+
+Built under timm's ``set_scriptable(True)`` (or ``set_exportable(True)``), and whenever TorchScript compiles
+them, the blocks aggregate with :func:`vzoo.kernels.neighborhood_aggregate_plain` (plain torch ops) instead of the
+``vzoo.kernels`` op: same parameters, same numbers (fp32 to ~1e-6), and ``torch.jit.script`` compiles them.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, is_exportable, is_scriptable, register_notrace_module, trunc_normal_
 
-from vzoo.kernels import neighborhood_aggregate, neighborhood_rpb_index
+from vzoo.kernels import neighborhood_aggregate, neighborhood_aggregate_plain, neighborhood_rpb_index
+from vzoo.map_layout import Layout, check_layout, check_map, to_layout
 from vzoo.registry import Method, register_method
 
 __all__ = [
@@ -97,11 +103,17 @@ class DilatedReparamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.lk_origin(x)
-        if self.deployed:
+        if not hasattr(self, "origin_bn"):  # deployed
             return out
         out = self.origin_bn(out)
-        for k, r in zip(self.kernel_sizes, self.dilates):
-            out = out + getattr(self, f"dil_bn_k{k}_{r}")(getattr(self, f"dil_conv_k{k}_{r}")(x))
+        branch = x
+        # the branches in registration order (conv, bn, conv, bn, ...): a loop TorchScript unrolls, unlike
+        # attribute names built at run time
+        for name, m in self.named_children():
+            if name.startswith("dil_conv"):
+                branch = m(x)
+            elif name.startswith("dil_bn"):
+                out = out + m(branch)
         return out
 
     @torch.no_grad()
@@ -144,7 +156,7 @@ class LayerScale(nn.Module):
 
     def __init__(self, dim: int, init_value: float = 1e-5) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.full((dim, 1, 1, 1), init_value))
+        self.weight = nn.Parameter(torch.full((dim, 1, 1, 1), float(init_value)))
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +170,7 @@ class ResDWConv(nn.Conv2d):
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x)
+        return x + self._conv_forward(x, self.weight, self.bias)
 
 
 class RepConvBlock(nn.Module):
@@ -198,12 +210,17 @@ class RepConvBlock(nn.Module):
         x = self.dwconv(x)
         if self.res_scale:
             return self.ls(x) + self.proj(x)
-        return x + self.proj[-1](self.ls(self.proj[:-1](x)))
+        branch = x
+        for i, m in enumerate(self.proj):  # LayerScale before the last module (DropPath)
+            if i == len(self.proj) - 1:
+                branch = self.ls(branch)
+            branch = m(branch)
+        return x + branch
 
 
 def _with_rpb(logits: torch.Tensor, rpb: torch.Tensor) -> torch.Tensor:
     """Add a ``[G, 2k-1, 2k-1]`` relative-position bias to tap logits ``[B, G, H, W, k*k]``, looked up with
-    the same border-clamped windows the aggregation uses."""
+    the same border-clamped windows the aggregation uses: index ``(key - query) + (k - 1)`` per axis."""
     k = (rpb.shape[-1] + 1) // 2
     index = neighborhood_rpb_index(k, logits.shape[2], logits.shape[3], logits.device)
     return logits + rpb.flatten(1)[:, index]
@@ -230,15 +247,36 @@ def contmix_kernels(
             f"contmix_kernels: query {tuple(query.shape)} and key {tuple(key.shape)} must share [B, C] with C divisible "
             f"by {groups} groups, and key must hold {weight_proj.in_channels} region tokens"
         )
+    sizes = [((rpb.shape[-1] + 1) // 2) ** 2 for rpb in (rpb_small, rpb_large)]
+    if weight_proj.out_channels != sum(sizes):
+        raise ValueError(
+            f"contmix_kernels: weight_proj gives {weight_proj.out_channels} taps but the biases need {sizes[0]} + {sizes[1]}"
+        )
+    return _contmix_kernels(query, key, weight_proj.weight, weight_proj.bias, rpb_small, rpb_large)
+
+
+def _contmix_kernels(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rpb_small: torch.Tensor,
+    rpb_large: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`contmix_kernels` with the projection as ``weight [T, L, 1, 1]``, ``bias [T]``; unchecked."""
+    groups = rpb_small.shape[0]
+    b, channels, h, w = query.shape
     q = query.reshape(b, groups, channels // groups, h * w).transpose(-1, -2)  # [B, G, HW, c]
     regions = key.reshape(b, groups, channels // groups, -1)  # [B, G, c, L]
     # The L -> taps projection is linear in the affinity q . k, so fold it into the keys first:
     # (q^T k) W^T = q^T (k W^T) costs c*T per pixel instead of L*(c + T).
-    taps = q @ (regions @ weight_proj.weight.flatten(1).t()) + weight_proj.bias  # [B, G, HW, T]
-    sizes = [((rpb.shape[-1] + 1) // 2) ** 2 for rpb in (rpb_small, rpb_large)]
-    if taps.shape[-1] != sum(sizes):
-        raise ValueError(f"contmix_kernels: weight_proj gives {taps.shape[-1]} taps but the biases need {sizes[0]} + {sizes[1]}")
-    small, large = taps.view(b, groups, h, w, -1).split(sizes, -1)
+    taps = q @ (regions @ weight.flatten(1).t())  # [B, G, HW, T]
+    if bias is not None:
+        taps = taps + bias
+    k = (rpb_small.shape[-1] + 1) // 2
+    small_size = k * k
+    taps = taps.view(b, groups, h, w, -1)
+    small, large = taps[..., :small_size], taps[..., small_size:]
     return _with_rpb(small, rpb_small).softmax(-1), _with_rpb(large, rpb_large).softmax(-1)
 
 
@@ -272,6 +310,8 @@ class _ContMixBase(nn.Module):
         if smk_size > kernel_size or smk_size % 2 == 0:
             raise ValueError(f"{type(self).__name__}: smk_size={smk_size} must be odd and at most kernel_size={kernel_size}")
         self.dim, self.kernel_size, self.smk_size, self.num_heads, self.res_scale = dim, kernel_size, smk_size, groups, res_scale
+        self.plain_torch = is_scriptable() or is_exportable()  # neighborhood_aggregate_plain instead of the kernel op
+        self.weight_value: nn.Module | None = None  # the value's own projection (ContMix only)
         self.scale = (dim // groups) ** -0.5  # official quirk: the group width is dim / (2 G)
         self.weight_query = nn.Sequential(nn.Conv2d(dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
         self.weight_key = nn.Sequential(nn.AdaptiveAvgPool2d(7), nn.Conv2d(key_dim, dim // 2, 1, bias=False), nn.BatchNorm2d(dim // 2))
@@ -302,27 +342,36 @@ class _ContMixBase(nn.Module):
             return None
         return (k, int(k / h * w)) if h < w else (int(k / w * h), k)
 
-    def _mix(self, feats: torch.Tensor, value: torch.Tensor, value_proj: nn.Module | None = None) -> torch.Tensor:
-        """Dynamic-kernel mixing of ``value [B, dim, H, W]``; the query comes from ``feats[:, :dim]`` and the
-        keys from ``feats[:, dim:]`` (the context stream) or, without one, from ``feats`` itself."""
-        size_in = value.shape[-2:]
-        size = self._working_size(*size_in)
+    def _mix(self, feats: torch.Tensor, value: torch.Tensor | None = None) -> torch.Tensor:
+        """Dynamic-kernel mixing of ``value [B, dim, H, W]`` (``None``: ``feats`` through ``weight_value``);
+        the query comes from ``feats[:, :dim]`` and the keys from ``feats[:, dim:]`` (the context stream)
+        or, without one, from ``feats`` itself."""
+        size_in = feats.shape[-2:]
+        size = self._working_size(size_in[0], size_in[1])
         if size is not None:
-            same = value is feats
-            feats = F.interpolate(feats, size=size, mode="bilinear", align_corners=False)
-            value = feats if same else F.interpolate(value, size=size, mode="bilinear", align_corners=False)
-        if value_proj is not None:
-            value = value_proj(value)
+            feats = F.interpolate(feats, size=[size[0], size[1]], mode="bilinear", align_corners=False)
+            if value is not None:
+                value = F.interpolate(value, size=[size[0], size[1]], mode="bilinear", align_corners=False)
+        if value is None:
+            value = feats
+        if self.weight_value is not None:
+            value = self.weight_value(value)
         query = self.weight_query(feats[:, : self.dim]) * self.scale
         key = self.weight_key(feats[:, self.dim :] if feats.shape[1] > self.dim else feats)
-        taps = contmix_kernels(query, key, self.weight_proj, self.rpb1, self.rpb2)
+        small, large = _contmix_kernels(query, key, self.weight_proj.weight, self.weight_proj.bias, self.rpb1, self.rpb2)
         b, _, h, w = value.shape
         halves = value.view(b, 2, self.num_heads, -1, h, w).permute(1, 0, 2, 4, 5, 3)  # [2, B, G, H, W, c]
         out = torch.cat(
-            [neighborhood_aggregate(t, v.contiguous(), k) for t, v, k in zip(taps, halves, (self.smk_size, self.kernel_size))], 1
+            [self._aggregate(small, halves[0], self.smk_size), self._aggregate(large, halves[1], self.kernel_size)], 1
         )
         out = out.permute(0, 1, 4, 2, 3).reshape(b, -1, h, w)
         return out if size is None else F.adaptive_avg_pool2d(out, size_in)
+
+    def _aggregate(self, attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        """``neighborhood_aggregate`` of one half, ``[B, G, H, W, c]``."""
+        if self.plain_torch or torch.jit.is_scripting():
+            return neighborhood_aggregate_plain(attn, value, kernel_size)
+        return neighborhood_aggregate(attn, value.contiguous(), kernel_size)
 
     def _finish(self, mixed: torch.Tensor, gate: torch.Tensor, lepe: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
         """``+ LEPE -> SE -> x gate -> proj`` residual onto ``identity``, then the DW3x3 residual and ConvFFN."""
@@ -334,15 +383,18 @@ class _ContMixBase(nn.Module):
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
+@register_notrace_module  # FX leaf: small maps are upsampled, a branch on the map's size
 class ContMix(_ContMixBase):
     """The plug-in ContMix block (``models/contmix.py`` ``ContMixBlock``): keys pooled from the block's own
-    features; the value has its own 1x1 + BN. ``[B, dim, H, W] -> [B, dim, H, W]``.
+    features; the value has its own 1x1 + BN. ``[B, dim, H, W] -> [B, dim, H, W]``, or ``[B, H, W, dim]``
+    in and out with ``layout="NHWC"`` (same numbers, permuted at the boundary).
 
     Args:
         dim: channels, divisible by ``4 * num_heads``.
         kernel_size: large dynamic kernel ``K`` (and the LEPE kernel); smk_size: small one ``k``.
         num_heads: each of the two channel halves is split into ``2 * num_heads`` kernel groups.
         mlp_ratio, ls_init_value, res_scale, drop_path, deploy: as in :class:`RepConvBlock`.
+        layout: ``"NCHW"`` (official) or ``"NHWC"``.
     """
 
     def __init__(
@@ -356,31 +408,38 @@ class ContMix(_ContMixBase):
         res_scale: bool = False,
         drop_path: float = 0.0,
         deploy: bool = False,
+        layout: Layout = "NCHW",
     ) -> None:
         super().__init__(dim, dim, dim, kernel_size, smk_size, num_heads, mlp_ratio, ls_init_value, res_scale, drop_path, deploy, 0.02)
+        self.layout = check_layout("ContMix", layout)
         self.dwconv1 = ResDWConv(dim, 3)
         self.norm1 = LayerNorm2d(dim, eps=1e-6)
         self.weight_value = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
         self.fusion_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv1(x)
+        if not torch.jit.is_scripting():
+            check_map(x, self.layout, self.dim, "ContMix")
+        x = self.dwconv1(to_layout(x, self.layout, "NCHW").contiguous())
         identity, x = x, self.norm1(x)
-        mixed = self.fusion_proj(self._mix(x, x, self.weight_value))
-        return self._finish(mixed, self.gate(x), self.lepe(x), identity)
+        mixed = self.fusion_proj(self._mix(x))
+        return to_layout(self._finish(mixed, self.gate(x), self.lepe(x), identity), "NCHW", self.layout)
 
 
+@register_notrace_module  # FX leaf, as ContMix
 class DynamicConvBlock(_ContMixBase):
     """Focus-Net block: ContMix over ``[x, h]`` whose keys come from the context stream ``h``.
 
     ``forward(x [B, dim, H, W], h [B, ctx_dim, H, W], h_ref [B, ctx_dim, H, W])`` first re-injects the
     top-down prior (``h = x_scale(h) + h_scale(h_ref)``, except in the first block), then returns
-    ``(x, h)``, or ``(cat[x, h], None)`` for the last block.
+    ``(x, h)`` (the official last block returns ``cat[x, h]``: the backbone concatenates them).
 
     Args:
         dim: channels of ``x``; ctx_dim: channels of the context stream (``C3 / 4`` in OverLoCK).
         others: as in :class:`ContMix`; the RPB starts at zero as in ``models/overlock.py``.
     """
+
+    __constants__ = ["is_first"]  # TorchScript prunes the branch it decides (x_scale, h_scale exist)
 
     def __init__(
         self,
@@ -394,12 +453,11 @@ class DynamicConvBlock(_ContMixBase):
         res_scale: bool = False,
         drop_path: float = 0.0,
         is_first: bool = False,
-        is_last: bool = False,
         deploy: bool = False,
     ) -> None:
         out_dim = dim + ctx_dim
         super().__init__(dim, out_dim, ctx_dim, kernel_size, smk_size, num_heads, mlp_ratio, ls_init_value, res_scale, drop_path, deploy, 0.0)
-        self.is_first, self.is_last = is_first, is_last
+        self.is_first = is_first
         if not is_first:
             self.x_scale = LayerScale(ctx_dim, 1.0)
             self.h_scale = LayerScale(ctx_dim, 1.0)
@@ -414,9 +472,7 @@ class DynamicConvBlock(_ContMixBase):
         )
         self.dyconv_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
 
-    def forward(
-        self, x: torch.Tensor, h: torch.Tensor, h_ref: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, h_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_first:
             h = self.x_scale(h) + self.h_scale(h_ref)
         feats = self.dwconv1(torch.cat([x, h], 1))
@@ -424,8 +480,6 @@ class DynamicConvBlock(_ContMixBase):
         value = self.fusion(feats)
         mixed = self.dyconv_proj(self._mix(feats, value))
         out = self._finish(mixed, self.gate(value), self.lepe(value), identity)
-        if self.is_last:
-            return out, None
         x, h = out.split([self.dim, out.shape[1] - self.dim], 1)
         return x, h
 
@@ -451,6 +505,6 @@ register_method(
         arxiv="2502.20087",
         modality="vision",
         ops=("neighborhood_aggregate",),
-        status="exact (official-layout weights match an unfold re-implementation); timm models overlock_xt/t/s/b",
+        status="exact to the official code (golden fixtures, dense backbones included); timm models overlock_xt/t/s/b",
     )
 )

@@ -24,21 +24,28 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from vzoo.map_layout import Layout, check_layout, check_map, to_layout
+
 __all__ = ["LiteAttention", "ATTENTION_BLOCKS", "insert_attention", "parse_placement"]
 
 
 class LiteAttention(nn.Module):
-    """Channel gate from global average pooling and spatial gate from channel mean/max, multiplied in."""
+    """Channel gate from global average pooling and spatial gate from channel mean/max, multiplied in.
+    ``[B, C, H, W]`` in and out, or ``[B, H, W, C]`` with ``layout="NHWC"``."""
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
+    def __init__(self, channels: int, reduction: int = 16, layout: Layout = "NCHW") -> None:
         super().__init__()
+        self.channels, self.layout = channels, check_layout("LiteAttention", layout)
         hidden = max(8, channels // reduction)
         self.channel = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
         self.spatial = nn.Conv2d(2, 1, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_map(x, self.layout, self.channels, "LiteAttention")
+        x = to_layout(x, self.layout, "NCHW")
         squeeze = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
-        return x * torch.sigmoid(self.channel(x)) * torch.sigmoid(self.spatial(squeeze))
+        out = x * torch.sigmoid(self.channel(x)) * torch.sigmoid(self.spatial(squeeze))
+        return to_layout(out, "NCHW", self.layout)
 
 
 def _timm_block(kind: str):
