@@ -1,10 +1,12 @@
-"""The ``vzoo`` command: ``vzoo list`` shows what the zoo holds, ``vzoo bench`` measures it."""
+"""The ``vzoo`` command: ``vzoo list`` shows what the zoo holds, ``vzoo bench`` measures it, ``vzoo train TASK`` /
+``vzoo eval`` fine-tune and evaluate. Bad input ends in one line ``vzoo: error: ...`` and exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 import torch
 
@@ -99,13 +101,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif"):
-        raise SystemExit(f"vzoo generate: --out {out} must end in .mp4 or .gif")
+        raise ValueError(f"--out {out} must end in .mp4 or .gif")
     if not (Path(args.model) / "model_index.json").is_file():
-        raise SystemExit(f"vzoo generate: {args.model} is not a diffusers pipeline folder (no model_index.json)")
+        raise ValueError(f"--model {args.model} is not a diffusers pipeline folder (no model_index.json)")
     pipe = DiffusionPipeline.from_pretrained(args.model)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    with apply_sparse_attention(pipe, make_config(args.method)) as handle:
+    config = make_config(args.method, **({"seed": args.seed} if args.method == "psa" else {}))  # PSA's sampled offsets follow --seed
+    with apply_sparse_attention(pipe, config) as handle:
         frames = pipe(
             prompt=args.prompt, num_frames=args.frames, height=args.height, width=args.width,
             num_inference_steps=args.steps, generator=generator, output_type="pil",
@@ -116,9 +119,14 @@ def _generate(args: argparse.Namespace) -> int:
         write_atomic(out, lambda tmp: export_to_gif(frames, str(tmp), fps=args.fps))
     else:
         write_atomic(out, lambda tmp: export_to_video(frames, str(tmp), fps=args.fps))
-    density = "dense" if handle.density is None else f"{handle.density:.3f} (sparse layers and steps)"
+    density = "dense" if handle.density is None else (
+        f"{handle.density:.3f} (sparse layers and steps; {handle.dense_calls} of {handle.sparse_calls} calls above the break-even ran dense)"
+    )
     print(f"wrote {out}: {len(frames)} frames in {wall:.1f} s; attention density {density}")
     return 0
+
+
+_TASKS = ("reid", "detect", "ground")
 
 
 def _task_run(task: str, model: str, data: str, args: argparse.Namespace):
@@ -129,16 +137,14 @@ def _task_run(task: str, model: str, data: str, args: argparse.Namespace):
     if task == "reid":
         from vzoo.tasks.reid import reid_run
 
-        return reid_run(model, data, args.batch_size, tuple(args.image_size or (256, 128)), args.pretrained, args.seed, placement=args.attention)
+        return reid_run(model, data, args.batch_size, tuple(args.image_size), args.pretrained, args.seed, placement=args.attention)
     if task == "detect":
         from vzoo.tasks.detection import detection_run
 
         return detection_run(model, data, args.batch_size, args.image_size, args.pretrained, args.seed, args.detector, args.rois_per_image)
-    if task == "ground":
-        from vzoo.tasks.grounding import grounding_run
+    from vzoo.tasks.grounding import grounding_run
 
-        return grounding_run(model, data, args.batch_size, tuple(args.image_size or (256, 256)), args.pretrained, args.seed, args.text_encoder)
-    raise SystemExit(f"vzoo: unknown task {task!r}")
+    return grounding_run(model, data, args.batch_size, tuple(args.image_size), args.pretrained, args.seed, args.text_encoder)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -148,13 +154,9 @@ def _train(args: argparse.Namespace) -> int:
         from vzoo.lm.train_gates import train_gates_from_files
 
         train_gates_from_files(args.model, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
-                               block_size=args.block_size, lr=args.lr or 1e-3)
+                               block_size=args.block_size, lr=args.lr)
         return 0
-    if args.out is None:
-        raise SystemExit(f"vzoo train {args.task}: --out DIR is required")
     from vzoo.tasks.trainer import TrainSettings, train
-
-    args.lr = args.lr or 3.5e-4
 
     settings = TrainSettings(
         epochs=args.epochs, out=args.out, lr=args.lr, resume=args.resume, amp=args.amp, eval_every=args.eval_every,
@@ -170,25 +172,26 @@ def _reid_search(args: argparse.Namespace) -> int:
     from vzoo.tasks.reid_search import search
 
     search(args.model, args.data, args.placements, epochs=args.epochs, batch_size=args.batch_size, out=args.out,
-           size=tuple(args.image_size or (256, 128)), lr=args.lr)
+           size=tuple(args.image_size), lr=args.lr)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     import json
 
-    from vzoo.tasks.trainer import load_checkpoint
+    from vzoo.tasks.trainer import describe_changes, load_checkpoint
 
     state = load_checkpoint(args.checkpoint)
     meta = state.get("meta", {})
     if meta.get("task") != args.task:
-        raise SystemExit(f"vzoo eval: {args.checkpoint} is a {meta.get('task')!r} checkpoint, not {args.task!r}")
-    args.image_size = meta.get("size")
-    args.detector = meta.get("detector", "fasterrcnn")
-    args.rois_per_image = meta.get("rois_per_image", 512)
-    args.text_encoder = meta.get("text_encoder", "minilm")
-    args.attention = meta.get("placement", "none")
+        raise ValueError(f"--checkpoint {args.checkpoint} is a {meta.get('task')!r} checkpoint, not {args.task!r}")
+    vars(args).update(image_size=meta.get("size"), detector=meta.get("detector", "fasterrcnn"), pretrained=False,
+                      rois_per_image=meta.get("rois_per_image", 512), text_encoder=meta.get("text_encoder", "minilm"),
+                      attention=meta.get("placement", "none"))
     run = _task_run(args.task, meta["model"], args.data, args)
+    changes = describe_changes(meta, run.meta, skip=("batch_size",))
+    if changes:
+        raise ValueError(f"--data {args.data} is not the dataset of --checkpoint {args.checkpoint} ({changes})")
     run.model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     metrics = run.evaluate(run.model.to(device), device)
@@ -220,15 +223,80 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if args.strict and not all(v.startswith("PASS") for v in verdicts) else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vzoo", description="vzoo: attention modules for vision and video")
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, ``vzoo: error: ...`` (exit code 2), instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"vzoo: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
+def _add_train_parsers(sub) -> None:
+    """``vzoo train TASK``: one sub-command per task, each listing only its own options."""
+    tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID, detection or grounding data, or train "
+                        "SeerAttention gates of a saved causal LM (lm-gates)")
+    tasks = tr.add_subparsers(dest="task", required=True, metavar="TASK")
+    common = argparse.ArgumentParser(add_help=False)  # the options every vision task shares
+    common.add_argument("--model", required=True, help="timm model name (vzoo's included)")
+    common.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    common.add_argument("--out", required=True, metavar="DIR", help="output folder (last.pt, metrics.json, curves.png)")
+    common.add_argument("--epochs", type=_POSITIVE, default=10)
+    common.add_argument("--batch-size", type=_POSITIVE, default=32)
+    common.add_argument("--lr", type=float, default=3.5e-4)
+    common.add_argument("--resume", action="store_true", help="continue from DIR/last.pt (same epochs, batch size and model)")
+    common.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    common.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (downloads)")
+    common.add_argument("--eval-every", type=_POSITIVE, default=1, help="epochs between evaluations")
+    common.add_argument("--ckpt-every", type=_NON_NEGATIVE, default=0, help="steps between extra checkpoints (0: epoch ends only)")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--stop-after", type=_NON_NEGATIVE, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
+    reid = tasks.add_parser("reid", parents=[common], help="person re-identification on a Market-1501 folder")
+    reid.add_argument("--image-size", type=_POSITIVE, nargs=2, metavar=("H", "W"), default=[256, 128])
+    reid.add_argument("--attention", default="none", metavar="PLACEMENT", help="attention blocks, e.g. lite:3,4 or se:1,2,3,4")
+    det = tasks.add_parser("detect", parents=[common], help="object detection on COCO-format data")
+    det.add_argument("--image-size", type=_POSITIVE, nargs="+", metavar="SIZE", help="min (and max) resize side (default 800 1333)")
+    det.add_argument("--detector", default="fasterrcnn", choices=["fasterrcnn", "retinanet"])
+    det.add_argument("--rois-per-image", type=_POSITIVE, default=512, help="Faster R-CNN RoIs sampled per image")
+    gr = tasks.add_parser("ground", parents=[common], help="answer grounding: the image region that answers a question")
+    gr.add_argument("--image-size", type=_POSITIVE, nargs=2, metavar=("H", "W"), default=[256, 256])
+    gr.add_argument("--text-encoder", default="minilm", choices=["minilm", "hash"], help="question encoder")
+    gates = tasks.add_parser("lm-gates", help="train the SeerAttention gates of a saved causal LM")
+    gates.add_argument("--model", required=True, metavar="DIR", help="saved transformers model folder")
+    gates.add_argument("--data", required=True, metavar="FILE", help="plain-text training file")
+    gates.add_argument("--out", metavar="FILE", help="gate file (default MODEL/seer_gates.safetensors)")
+    gates.add_argument("--lr", type=float, default=1e-3)
+    gates.add_argument("--steps", type=_POSITIVE, default=100, help="optimisation steps")
+    gates.add_argument("--seq-len", type=_POSITIVE, default=1024, help="tokens per training sequence")
+    gates.add_argument("--block-size", type=_POSITIVE, default=64, help="gate block size")
+    tr.set_defaults(func=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vzoo", description="vzoo: attention modules for vision and video")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="what the zoo holds and which backends run here").set_defaults(func=_list)
     bench = sub.add_parser("bench", help="benchmark vzoo ops against dense SDPA and compiled FlexAttention")
     bench.add_argument("--quick", action="store_true", help="only the headline case (S=8192, 6 of 64 blocks)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    bench.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    bench.add_argument("--repeats", type=_POSITIVE, default=5, help="timed repeats per measurement (median)")
     bench.add_argument("--plot", metavar="PNG", help="save a latency plot here")
     bench.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
     bench.set_defaults(func=_bench)
@@ -236,61 +304,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.add_argument("--model", required=True, metavar="DIR", help="folder of a saved diffusers pipeline")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--method", default="vmoba", choices=["vmoba", "psa", "dense"])
-    gen.add_argument("--frames", type=int, default=81)
-    gen.add_argument("--height", type=int, default=480)
-    gen.add_argument("--width", type=int, default=832)
-    gen.add_argument("--steps", type=int, default=50)
+    gen.add_argument("--frames", type=_POSITIVE, default=81)
+    gen.add_argument("--height", type=_POSITIVE, default=480)
+    gen.add_argument("--width", type=_POSITIVE, default=832)
+    gen.add_argument("--steps", type=_POSITIVE, default=50)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--fps", type=int, default=16)
+    gen.add_argument("--fps", type=_POSITIVE, default=16)
     gen.add_argument("--out", required=True, metavar="FILE", help=".mp4 or .gif")
     gen.set_defaults(func=_generate)
-    tasks = ["reid", "detect", "ground"]
-    tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID, detection or grounding data, or train "
-                        "SeerAttention gates of a saved causal LM (lm-gates)")
-    tr.add_argument("task", choices=[*tasks, "lm-gates"])
-    tr.add_argument("--model", required=True, help="timm model name (vzoo's included); lm-gates: saved model DIR")
-    tr.add_argument("--data", required=True, metavar="DIR", help="dataset folder; lm-gates: a plain-text FILE")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--out", metavar="DIR", help="output folder; lm-gates: gate FILE (default MODEL/seer_gates.safetensors)")
-    tr.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
-    tr.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
-    tr.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (downloads)")
-    tr.add_argument("--lr", type=float, help="default 3.5e-4; lm-gates 1e-3")
-    tr.add_argument("--steps", type=int, default=100, help="lm-gates: optimisation steps")
-    tr.add_argument("--seq-len", type=int, default=1024, help="lm-gates: tokens per training sequence")
-    tr.add_argument("--block-size", type=int, default=64, help="lm-gates: gate block size")
-    tr.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
-    tr.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations")
-    tr.add_argument("--ckpt-every", type=int, default=0, help="steps between extra checkpoints")
-    tr.add_argument("--detector", default="fasterrcnn", choices=["fasterrcnn", "retinanet"])
-    tr.add_argument("--rois-per-image", type=int, default=512, help="Faster R-CNN RoIs sampled per image")
-    tr.add_argument("--text-encoder", default="minilm", choices=["minilm", "hash"], help="grounding: question encoder")
-    tr.add_argument("--attention", default="none", metavar="PLACEMENT", help="re-ID: attention blocks, e.g. lite:3,4 or se:1,2,3,4")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--stop-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
-    tr.set_defaults(func=_train)
+    _add_train_parsers(sub)
     rs = sub.add_parser("reid-search", help="train re-ID models with attention blocks at different stages; speed vs mAP")
     rs.add_argument("--model", required=True)
     rs.add_argument("--data", required=True, metavar="DIR")
     rs.add_argument("--placements", nargs="+", default=["none", "lite:4", "lite:3,4", "lite:1,2,3,4", "se:1,2,3,4", "cbam:1,2,3,4", "nonlocal:3"])
-    rs.add_argument("--epochs", type=int, default=10)
-    rs.add_argument("--batch-size", type=int, default=32)
+    rs.add_argument("--epochs", type=_POSITIVE, default=10)
+    rs.add_argument("--batch-size", type=_POSITIVE, default=32)
     rs.add_argument("--lr", type=float, default=3.5e-4)
-    rs.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    rs.add_argument("--image-size", type=_POSITIVE, nargs=2, metavar=("H", "W"), default=[256, 128])
     rs.add_argument("--out", required=True, metavar="DIR")
     rs.set_defaults(func=_reid_search)
-    ev = sub.add_parser("eval", help="evaluate a vzoo training checkpoint")
-    ev.add_argument("task", choices=tasks)
+    ev = sub.add_parser("eval", help="evaluate a vzoo training checkpoint on the dataset it was trained on")
+    ev.add_argument("task", choices=list(_TASKS))
     ev.add_argument("--checkpoint", required=True, metavar="FILE")
     ev.add_argument("--data", required=True, metavar="DIR")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)
+    ev.add_argument("--batch-size", type=_POSITIVE, default=32)
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_eval)
-    args = parser.parse_args(argv)
-    if getattr(args, "repeats", 1) < 1:
-        parser.error("--repeats must be at least 1")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
@@ -298,8 +342,8 @@ def entry(argv: Sequence[str] | None = None) -> int:
     """The ``vzoo`` console command: :func:`main`, with bad input reported as one line, not a traceback."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"vzoo: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        print("vzoo: error: " + " ".join(str(err).splitlines()), file=sys.stderr)
         return 2
 
 

@@ -51,6 +51,10 @@ def test_reid_search_writes_table_json_and_png(tmp_path, capsys, synthetic):
           "--out", str(tmp_path / "out"), "--placements", "none", "lite:4"])
     rows = json.loads((tmp_path / "out" / "search.json").read_text())
     assert [r["placement"] for r in rows] == ["none", "lite:4"]
-    assert rows[1]["params_m"] > rows[0]["params_m"] and all(r["ms_per_image"] > 0 and 0 <= r["mAP"] <= 1 for r in rows)
+    lite = 2 * 512 * 32 + 32 + 512 + 2 * 9 + 1  # one LiteAttention on resnet18's 512-channel last stage
+    assert (rows[1]["params_m"] - rows[0]["params_m"]) * 1e6 == pytest.approx(lite, abs=0.5)
+    for row, folder in zip(rows, ("none", "lite_4")):  # each row reports its own run's final metrics
+        final = json.loads((tmp_path / "out" / folder / "metrics.json").read_text())["final"]
+        assert (row["mAP"], row["rank1"]) == (final["mAP"], final["rank1"])
     assert (tmp_path / "out" / "search.png").read_bytes()[:4] == b"\x89PNG"
     assert "lite:4" in capsys.readouterr().out

@@ -10,6 +10,7 @@ sees top-level children), hence :class:`TimmFPNBackbone`. Inputs are padded to `
 from __future__ import annotations
 
 import json
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,9 @@ class CocoImage:
 
 def read_coco(annotations: str | Path, image_dir: str | Path) -> tuple[list[CocoImage], dict[int, int]]:
     """Images with their boxes (COCO ``[x, y, w, h]`` -> ``xyxy``), and ``{category_id: label}`` with labels
-    ``1..K`` (0 is the background). Crowd annotations are skipped. Errors name the file."""
+    ``1..K`` (0 is the background). Crowd annotations are skipped; as in torchvision's reference scripts,
+    boxes are clipped to the image and those left with zero width or height are dropped (a warning
+    gives the count). Errors name the file."""
     annotations, image_dir = Path(annotations), Path(image_dir)
     if not annotations.is_file():
         raise FileNotFoundError(f"COCO annotation file {annotations} does not exist")
@@ -48,17 +51,24 @@ def read_coco(annotations: str | Path, image_dir: str | Path) -> tuple[list[Coco
             raise ValueError(f"{annotations}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
         if not ann.get("iscrowd", 0):
             by_image[ann["image_id"]].append(ann)
-    out = []
+    out, dropped = [], 0
     for img in images:
         path = image_dir / img["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"{annotations}: image {path} is missing")
         boxes = torch.tensor([a["bbox"] for a in by_image[img["id"]]], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
+        if "width" in img and "height" in img:
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, img["width"])
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, img["height"])
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # as torchvision's reference scripts
+        dropped += int((~keep).sum())
         cls = torch.tensor([labels[a["category_id"]] for a in by_image[img["id"]]], dtype=torch.int64)
-        out.append(CocoImage(path, img["id"], boxes, cls))
+        out.append(CocoImage(path, img["id"], boxes[keep], cls[keep]))
     if not out:
         raise ValueError(f"{annotations}: no images")
+    if dropped:
+        warnings.warn(f"{annotations}: dropped {dropped} boxes of zero width or height (inside the image)", stacklevel=2)
     return out, labels
 
 
@@ -172,8 +182,11 @@ def detection_run(model_name: str, data: str | Path, batch_size: int, image_size
                   seed: int = 0, detector: str = "fasterrcnn", rois_per_image: int = 512):
     """The detection :class:`~vzoo.tasks.trainer.TaskRun` on ``DIR/train.json``, ``DIR/val.json`` and
     ``DIR/images/``; ``image_size`` (one or two ints) sets the detector's min/max resize."""
-    from .trainer import TaskRun, split_batches
+    from .trainer import TaskRun, check_batch_size, split_batches
 
+    check_batch_size(batch_size)
+    if image_size is not None and len(image_size) not in (1, 2):
+        raise ValueError(f"image_size={list(image_size)} must be one or two sizes (min side, max side)")
     root = Path(data)
     train_items, labels = read_coco(root / "train.json", root / "images")
     val_items, val_labels = read_coco(root / "val.json", root / "images")
@@ -191,7 +204,8 @@ def detection_run(model_name: str, data: str | Path, batch_size: int, image_size
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for _, t in batch]
         return sum(net(imgs, targets).values())
 
-    meta = dict(task="detect", model=model_name, size=image_size, detector=detector, rois_per_image=rois_per_image)
+    meta = dict(task="detect", model=model_name, size=image_size, detector=detector, rois_per_image=rois_per_image,
+                categories=sorted(labels), batch_size=batch_size)
     return TaskRun(
         model, lambda epoch: split_batches(list(range(len(images))), batch_size, seed, epoch), load, loss,
         lambda net, device: coco_map(net, val_items, root / "val.json", labels, device), meta,

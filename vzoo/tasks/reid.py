@@ -227,9 +227,15 @@ def reid_run(model_name: str, data: str | Path, batch_size: int, size: tuple[int
     CE with label smoothing 0.1 on post-BN logits + batch-hard triplet (margin 0.3) on pre-BN features."""
     from .trainer import TaskRun
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2 * instances:
+        raise ValueError(f"batch_size={batch_size!r} is smaller than one P x K group: re-ID batches hold at least "
+                         f"2 identities x {instances} images = {2 * instances}")
     split = read_market1501(data)
     pids = [s.pid for s in split["train"]]
     num_classes = max(pids) + 1
+    if batch_size // instances > num_classes:
+        raise ValueError(f"batch_size={batch_size} asks for {batch_size // instances} identities x {instances} images per batch, "
+                         f"but {data} has only {num_classes} training identities")
     model = ReIDModel(model_name, num_classes, pretrained=pretrained, placement=placement)
     sampler = PKSampler(pids, batch_size // instances, instances, seed)
     images = ReIDImages(split["train"], size, train=True)
@@ -248,5 +254,7 @@ def reid_run(model_name: str, data: str | Path, batch_size: int, size: tuple[int
         logits, feat = net(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=0.1) + batch_hard_triplet_loss(feat.float(), y)
 
-    meta = dict(task="reid", model=model_name, num_classes=num_classes, size=list(size), placement=placement)
+    identities = sorted({int(_NAME.match(s.path.name).group(1)) for s in split["train"]})  # before relabelling
+    meta = dict(task="reid", model=model_name, num_classes=num_classes, size=list(size), placement=placement,
+                identities=identities, batch_size=batch_size)
     return TaskRun(model, batches, load, loss, lambda net, device: evaluate_model(net, split, size, device), meta)

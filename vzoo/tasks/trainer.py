@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from vzoo.atomic import write_atomic, write_json_atomic
 
-__all__ = ["TaskRun", "TrainSettings", "train", "save_atomic", "load_checkpoint"]
+__all__ = ["TaskRun", "TrainSettings", "train", "save_atomic", "load_checkpoint", "describe_changes", "split_batches", "check_batch_size"]
 
 
 @dataclass
@@ -54,6 +54,10 @@ class TrainSettings:
             raise ValueError(f"epochs={self.epochs} must be at least 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be positive")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every={self.eval_every} must be at least 1 (epochs between evaluations)")
+        if self.ckpt_every < 0 or self.stop_after < 0:
+            raise ValueError(f"ckpt_every={self.ckpt_every} and stop_after={self.stop_after} must not be negative")
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -69,6 +73,24 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001  (any unpickling failure means a bad file)
         raise ValueError(f"{path}: not a readable vzoo checkpoint ({err})") from err
+
+
+def describe_changes(old: dict, new: dict, skip: Sequence[str] = ()) -> str:
+    """``"epochs 6 -> 8, batch_size 16 -> 32"`` for the keys present in both dicts whose values differ
+    (long lists and dicts by their length); ``""`` when none does."""
+
+    def show(value) -> str:
+        return f"{len(value)} entries" if isinstance(value, (list, tuple, dict)) and len(value) > 4 else repr(value)
+
+    return ", ".join(
+        f"{key} {show(old[key])} -> {show(new[key])}" if show(old[key]) != show(new[key]) else f"{key} differ"
+        for key in old if key in new and key not in skip and old[key] != new[key]
+    )
+
+
+def check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
 
 
 def _plot(history: list[dict], path: Path) -> None:
@@ -127,6 +149,9 @@ def train(run: TaskRun, settings: TrainSettings) -> dict:
     ckpt_path = out / "last.pt"
     if settings.resume:
         state = load_checkpoint(ckpt_path)
+        changes = describe_changes(dict(state.get("meta", {}), epochs=state.get("epochs")), dict(run.meta, epochs=settings.epochs))
+        if changes:
+            raise ValueError(f"--resume: {ckpt_path} was written with other settings ({changes}); use them again or a new --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -188,6 +213,9 @@ def train(run: TaskRun, settings: TrainSettings) -> dict:
 
 def split_batches(items: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Shuffled (seed + epoch) full batches of ``items``."""
+    check_batch_size(batch_size)
+    if batch_size > len(items):
+        raise ValueError(f"batch_size={batch_size} is larger than the {len(items)} training items")
     gen = torch.Generator().manual_seed(seed + epoch)
     order = [items[i] for i in torch.randperm(len(items), generator=gen).tolist()]
     return [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
