@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-
 import torch.nn.functional as F
 
 from vzoo.bench import median_ms
 from vzoo.bench_video import format_video, structured_qkv, video_rows
 from vzoo.pipelines import DenseConfig, PSAConfig, VMoBAConfig, apply_sparse_attention
 from vzoo.psa import psa_attention, psa_offsets
-from vzoo.vmoba import vmoba_attention
+from vzoo.vmoba import vmoba_attention, vmoba_permutation
 
 
 def break_even_rows(grid, repeats: int) -> list[tuple[str, float, float]]:
@@ -43,7 +41,8 @@ def break_even_rows(grid, repeats: int) -> list[tuple[str, float, float]]:
         run = lambda cfg=cfg, offsets=offsets: psa_attention(q, k, v, grid, cfg, offsets=offsets, return_density=True, dense_fallback=False)
         rows.append(("psa", run()[1], speedup(run)))
     vmoba = VMoBAConfig()
-    nb = grid[0] * grid[1] * grid[2] // math.prod(b or n for b, n in zip(vmoba.block(2, grid), grid))
+    slots, block_n = vmoba_permutation(grid, vmoba.block(2, grid))
+    nb = slots.numel() // block_n  # key blocks of the 3D layers (short last blocks included)
     for share in (0.125, 0.25, 0.375, 0.5, 0.75, 1.0):
         cfg = VMoBAConfig(topk=(1, 1, max(1, round(share * nb))))
         run = lambda cfg=cfg: vmoba_attention(q, k, v, grid, 2, cfg, return_density=True, dense_fallback=False)

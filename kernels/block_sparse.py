@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .backends import resolve_backend
-from .layout import BlockSparseLayout
+from .layout import BlockSparseLayout, check_flag, check_int
 from .reference import all_finite, dense_attention, layout_token_mask
 
 __all__ = ["block_sparse_attention"]
@@ -23,7 +23,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Raise ``ValueError`` unless ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]`` fit together."""
+    """Raise ``ValueError`` unless ``q [B, Hq, Sq, D]``, ``k, v [B, Hkv, Skv, D]`` fit together, and, for CPU
+    tensors outside ``torch.compile``, unless ``q`` is finite. On CUDA NaN / Inf in ``q`` is not checked
+    (it would cost a host sync per call) and gives NaN rows, as SDPA does."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -47,14 +49,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError("head dim D=0: q, k, v need at least one feature")
     # The one cheap finiteness check: every query is used. Keys and values are not checked, since
     # those a query cannot see (padding, unselected blocks, empty cache slots) may hold anything.
-    if not torch.compiler.is_compiling() and not all_finite(q):
+    # CPU only: on CUDA the check is a host sync per call.
+    if q.device.type == "cpu" and not torch.compiler.is_compiling() and not all_finite(q):
         raise ValueError("q contains NaN or Inf")
-
-
-def check_flag(name: str, value: object) -> None:
-    """Raise ``ValueError`` unless ``value`` is a bool (``causal="no"`` must not read as True)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be a bool")
 
 
 def resolve_scale(scale: object, dim: int) -> float:
@@ -102,12 +99,6 @@ def check_layout(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) ->
         )
     if layout.device != q.device:
         raise ValueError(f"layout is on {layout.device} but q is on {q.device}")
-
-
-def check_int(name: str, value: object, low: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int (not a bool) of at least ``low``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
 def check_key_mask(key_mask: torch.Tensor | None, k: torch.Tensor) -> None:
@@ -218,8 +209,9 @@ def block_sparse_attention(
         ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse`` also ``lse [B, Hq, Sq]`` fp32,
         natural log. Rows that select nothing give zeros and ``lse = -inf``.
 
-    ``q`` must be finite (``ValueError``). Keys and values a query cannot see may hold anything (NaN
-    included) and never reach its output or gradients; a non-finite one it sees makes its row NaN.
+    ``q`` must be finite (``ValueError`` on CPU; on CUDA it is not checked and NaN gives NaN rows). Keys
+    and values a query cannot see may hold anything (NaN included) and never reach its output or
+    gradients; a non-finite one it sees makes its row NaN.
     """
     check_qkv(q, k, v)
     check_layout(layout, q, k)

@@ -29,13 +29,23 @@ def _cdiv(a: int, b: int) -> int:
 _SIGNED_INTS = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def check_int(name: str, value: object, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) of at least ``low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}")
+
+
+def check_flag(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a bool (``causal="no"`` must not read as True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be a bool")
+
+
 def _check_sizes(where: str, **sizes: object) -> None:
     """Raise ``ValueError`` unless every block size is an int >= 1 and every length an int >= 0 (bools
     are not sizes)."""
     for name, value in sizes.items():
-        low = 1 if name.startswith("block") else 0
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{where}.{name}={value!r}: must be an int >= {low}")
+        check_int(f"{where}.{name}", value, 1 if name.startswith("block") else 0)
 
 
 def check_ids(name: str, ids: object, dims: int) -> None:
@@ -227,8 +237,7 @@ class BlockSparseLayout:
             "static", q_len=q_len, kv_len=kv_len, block_m=block_m, block_n=block_n, sink_blocks=sink_blocks,
             local_blocks=local_blocks, stride=stride,
         )
-        if not isinstance(causal, bool):
-            raise ValueError(f"static: causal={causal!r} must be a bool")
+        check_flag("static.causal", causal)
         nqb, nkb = _cdiv(q_len, block_m), _cdiv(kv_len, block_n)
         i = torch.arange(nqb, device=device)
         j = torch.arange(nkb, device=device)

@@ -22,7 +22,7 @@ __all__ = [
 
 def all_finite(*xs: torch.Tensor) -> bool:
     """Whether every entry is finite, in one host sync. An fp32 sum is finite iff no entry is NaN or Inf
-    unless it overflows; only then are the entries checked one by one (``isfinite`` is 100x slower on CPU)."""
+    unless it overflows; only then are the entries checked one by one (``isfinite`` is tens of times slower on CPU)."""
     total = sum(x.sum(dtype=torch.float32) for x in xs)
     return bool(torch.isfinite(total)) or all(bool(torch.isfinite(x).all()) for x in xs)
 

@@ -67,7 +67,8 @@ def token_routed_attention(
     Returns:
         ``out [B, Hq, Sq, D]``; with ``return_lse`` also ``lse [B, Hq, Sq]`` fp32. A token routed to
         no visible key gets zeros and ``lse = -inf``. Keys a token did not choose, or cannot see, may
-        hold anything (NaN included) without reaching its output; ``q`` must be finite.
+        hold anything (NaN included) without reaching its output; ``q`` must be finite
+        (checked on CPU only, as in :func:`block_sparse_attention`).
     """
     check_qkv(q, k, v)
     check_key_mask(key_mask, k)
@@ -76,8 +77,8 @@ def token_routed_attention(
     check_flag("causal", causal)
     check_flag("return_lse", return_lse)
     scale = resolve_scale(scale, q.shape[-1])
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise ValueError(f"window={window!r} must be None or an int >= 1")
+    if window is not None:
+        check_int("window", window, 1)
     check_ids("block_idx [B, Hl, Sq, K]", block_idx, 4)
     b, hq, sq, _ = q.shape
     hkv, skv = k.shape[1], k.shape[2]

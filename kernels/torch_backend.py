@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .block_sparse import broadcast_heads, empty_attention
 from .layout import BlockSparseLayout
-from .reference import layout_token_mask, nonfinite_rows
+from .reference import all_finite, layout_token_mask, nonfinite_rows
 
 __all__ = ["attend", "masked_sdpa"]
 
@@ -307,18 +307,28 @@ def _dense_masked(
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Fused SDPA with a bool ``mask`` broadcastable to ``[B, Hq, Sq, Skv]`` (GQA allowed); rows that see
-    no key give zeros instead of NaN; keys holding NaN / Inf reach only the rows that see them (NaN)."""
+    no key give zeros instead of NaN; keys holding NaN / Inf reach only the rows that see them (NaN).
+
+    Keys and values are scanned for NaN / Inf only when the output is not finite (a sum over the
+    output, cheap next to two passes over K and V in decoding); then SDPA reruns on zeroed rows."""
     dead = ~mask.any(-1, keepdim=True)  # [B, H, Sq, 1]
+    dead = dead if bool(dead.any()) else None
+    # give empty rows one key so SDPA stays finite, then zero them
+    run = mask if dead is None else mask | (dead & (torch.arange(mask.shape[-1], device=q.device) == 0))
+    out = _sdpa(q, k, v, run, scale, dead)
+    if all_finite(out.detach()):
+        return out
     bad = nonfinite_rows(k, v)
-    if bad is not None:
-        k, v = k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0)
-        seen = (mask & bad.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, None, :]).any(-1, keepdim=True)
-    has_dead = bool(dead.any())
-    if has_dead:  # give empty rows one key so SDPA stays finite, then zero them
-        mask = mask | (dead & (torch.arange(mask.shape[-1], device=q.device) == 0))
+    if bad is None:  # finite inputs, overflowing output: as SDPA gives it
+        return out
+    k, v = k.masked_fill(bad[..., None], 0.0), v.masked_fill(bad[..., None], 0.0)
+    seen = (mask & bad.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, None, :]).any(-1, keepdim=True)
+    return _sdpa(q, k, v, run, scale, dead).masked_fill(seen, float("nan"))
+
+
+def _sdpa(q, k, v, mask: torch.Tensor, scale: float, dead: torch.Tensor | None) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    out = out.masked_fill(dead, 0.0) if has_dead else out
-    return out if bad is None else out.masked_fill(seen, float("nan"))
+    return out if dead is None else out.masked_fill(dead, 0.0)
 
 
 @torch.compiler.disable  # chunk loops and data-dependent masks: run eagerly inside compiled models

@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from .backends import resolve_backend
 from .block_sparse import block_sparse_attention, check_int, check_key_mask, check_qkv, resolve_scale
 from .layout import BlockSparseLayout
-from .reference import visible_at
+from .reference import all_finite, visible_at
 from .torch_backend import masked_sdpa
 
 __all__ = ["sink_window_attention", "sink_window_layout"]
@@ -38,10 +39,23 @@ def sink_window_layout(
 
 
 def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Chunks of plain SDPA: without ``key_mask`` every query sees itself, so no row is empty, and NaN /
+    Inf are looked for once, in the output; only if it is not finite (or with ``key_mask``, which can
+    empty a row) do the chunks run through :func:`masked_sdpa`, which zeroes empty rows and keeps
+    non-finite keys to the rows that see them."""
+    if key_mask is None:
+        out = _chunks(q, k, v, window, sink, scale, chunk, None, guarded=False)
+        if all_finite(out.detach()):
+            return out
+    return _chunks(q, k, v, window, sink, scale, chunk, key_mask, guarded=True)
+
+
+def _chunks(q, k, v, window: int, sink: int, scale: float, chunk: int, key_mask: torch.Tensor | None, guarded: bool) -> torch.Tensor:
     sq, skv = q.shape[2], k.shape[2]
     dev = q.device
     shift = skv - sq
     q = q.contiguous()
+    gqa = q.shape[1] != k.shape[1]
     interior = None  # the band mask of every full chunk past the sink is the same
     outs = []
     for a in range(0, sq, chunk):
@@ -63,8 +77,10 @@ def _chunked_sdpa(q, k, v, window: int, sink: int, scale: float, chunk: int, key
                 interior = mask if e - a == chunk else interior
             else:
                 mask = interior
-        # padded keys can leave a query with nothing to see; NaN / Inf in a hidden key must not leak
-        outs.append(masked_sdpa(q[:, :, a:e], ks, vs, mask if kept is None else mask & kept[:, None, None, :], scale))
+        if guarded:  # padded keys can leave a query with nothing to see; NaN / Inf in a hidden key must not leak
+            outs.append(masked_sdpa(q[:, :, a:e], ks, vs, mask if kept is None else mask & kept[:, None, None, :], scale))
+        else:
+            outs.append(F.scaled_dot_product_attention(q[:, :, a:e], ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa))
     return torch.cat(outs, 2)
 
 

@@ -66,13 +66,13 @@ def video_attention(
         method, args, kw = vmoba_attention, (grid, layer_idx, config), {}
     else:
         method, args, kw = psa_attention, (grid, config), dict(generator=generator)
+    # lse_v: [the video part's log-sum-exp] when there are text tokens to merge with, else []
+    out_v, *lse_v, density, dense = method(qv, kv, vv, *args, scale=scale, return_lse=n_text > 0, return_density=True, **kw)
     if n_text == 0:
-        out_v, density, dense = method(qv, kv, vv, *args, scale=scale, return_density=True, **kw)
         return out_v, density, dense
-    out_v, lse_v, density, dense = method(qv, kv, vv, *args, scale=scale, return_lse=True, return_density=True, **kw)
     keep_text = torch.ones((), dtype=torch.bool, device=q.device) if keep is None else keep[..., text]
     out_t, lse_t = dense_attention(qv, k[:, :, text], v[:, :, text], keep_text, scale)  # a few text keys: exact and small
-    out_v = merge_attention_states([out_v, out_t], [lse_v, lse_t])[0]
+    out_v = merge_attention_states([out_v, out_t], [*lse_v, lse_t])[0]
     text_out = F.scaled_dot_product_attention(q[:, :, text], k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[1] != h)
     parts = [text_out, out_v] if text_first else [out_v, text_out]
     return torch.cat(parts, 2), density, dense

@@ -161,6 +161,18 @@ def test_console_entry_reports_bad_input_in_one_line(tmp_path, capsys):
     assert err.startswith("vzoo: error: ") and "config.json" in err and "Traceback" not in err
 
 
+def test_console_entry_lets_an_import_error_through(monkeypatch):
+    """An ImportError is a bug in vzoo or its install, not bad input: no one-line message hides it."""
+    import vzoo.cli
+
+    def broken(argv):
+        raise ImportError("cannot import name 'gone' from 'vzoo'")
+
+    monkeypatch.setattr(vzoo.cli, "main", broken)
+    with pytest.raises(ImportError, match="gone"):
+        entry([])
+
+
 OWN_OPTIONS = {  # what only this task of `vzoo train` takes
     "reid": {"--attention"},
     "detect": {"--detector", "--rois-per-image"},

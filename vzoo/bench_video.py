@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from vzoo.bench import median_ms
 from vzoo.gilbert import gilbert_order
 from vzoo.psa import PSAConfig, psa_attention, psa_levels, psa_offsets
-from vzoo.vmoba import VMoBAConfig, vmoba_attention, vmoba_permutation, vmoba_routing
+from vzoo.vmoba import VMoBAConfig, vmoba_attention, vmoba_route
 
 __all__ = ["VideoRow", "structured_qkv", "video_rows"]
 
@@ -68,10 +68,8 @@ def _recall(q: torch.Tensor, k: torch.Tensor, key_mask_fn, chunk: int = 1024) ->
 
 
 def _vmoba_key_mask(q, k, grid, layer, config):
-    slots, block_n = vmoba_permutation(grid, config.block(layer, grid))
+    slots, block_n, _, _, mask = vmoba_route(q, k, grid, layer, config)  # queries in slot order
     valid = slots >= 0
-    qp, kp = (x[:, :, slots.clamp_min(0)].masked_fill(~valid[:, None], 0.0) for x in (q, k))
-    mask = vmoba_routing(qp, kp, block_n, topk=config.topk[layer % 3], valid=valid)  # queries in slot order
     inv = torch.empty_like(slots).index_copy_(0, slots[valid], torch.nonzero(valid)[:, 0])[: q.shape[2]]  # slot of each token
     return lambda rows: mask[:, :, inv[rows]][..., inv // block_n]
 

@@ -65,7 +65,7 @@ class _LePEAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, side_dwconv: int, qkv_bias: bool, layout: Layout) -> None:
         super().__init__()
-        name = type(self).__name__
+        name = self._owner = type(self).__name__  # an attribute: TorchScript cannot read type(self).__name__
         self.layout = check_layout(name, layout)
         if dim % num_heads:
             raise ValueError(f"{name}: dim={dim} must be divisible by num_heads={num_heads}")
@@ -77,9 +77,8 @@ class _LePEAttention(nn.Module):
         self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
 
     def _nhwc(self, x: torch.Tensor) -> torch.Tensor:
-        """The checked input map as NHWC (TorchScript skips the check)."""
-        if not torch.jit.is_scripting():
-            check_map(x, self.layout, self.dim, type(self).__name__)
+        """The checked input map as NHWC."""
+        check_map(x, self.layout, self.dim, self._owner)
         return to_layout(x, self.layout, "NHWC")
 
 

@@ -342,7 +342,7 @@ def entry(argv: Sequence[str] | None = None) -> int:
     """The ``vzoo`` console command: :func:`main`, with bad input reported as one line, not a traceback."""
     try:
         return main(argv)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError) as err:  # an ImportError is a bug, not bad input: it keeps its traceback
         print("vzoo: error: " + " ".join(str(err).splitlines()), file=sys.stderr)
         return 2
 

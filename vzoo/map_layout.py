@@ -7,7 +7,7 @@ that layout names.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from timm.layers import register_notrace_function
@@ -15,7 +15,7 @@ from timm.layers import register_notrace_function
 __all__ = ["Layout", "LAYOUTS", "check_layout", "check_map", "to_layout"]
 
 Layout = Literal["NCHW", "NHWC"]
-LAYOUTS: tuple[str, ...] = ("NCHW", "NHWC")
+LAYOUTS: tuple[str, ...] = get_args(Layout)  # ("NCHW", "NHWC")
 
 
 def check_layout(owner: str, layout: str) -> Layout:
@@ -27,10 +27,14 @@ def check_layout(owner: str, layout: str) -> Layout:
 
 @register_notrace_function  # shape checks are control flow: FX records the call instead of tracing it
 def check_map(x: torch.Tensor, layout: str, channels: int, owner: str) -> None:
-    """ValueError unless ``x`` is a 4-D map with ``channels`` channels on the axis ``layout`` names."""
+    """ValueError unless ``x`` is a 4-D map with ``channels`` channels on the axis ``layout`` names.
+
+    TorchScript compiles it (``str.format``, no f-strings), so a scripted module checks its input as
+    the eager one does; under TorchScript the ValueError reaches the caller as a RuntimeError that
+    carries the same message."""
     if x.dim() != 4 or x.shape[1 if layout == "NCHW" else 3] != channels:
-        want = f"[N, {channels}, H, W]" if layout == "NCHW" else f"[N, H, W, {channels}]"
-        raise ValueError(f"{owner} (layout={layout!r}) expects {want}, got {tuple(x.shape)}")
+        want = "[N, {}, H, W]".format(channels) if layout == "NCHW" else "[N, H, W, {}]".format(channels)
+        raise ValueError("{} (layout='{}') expects {}, got {}".format(owner, layout, want, list(x.shape)))
 
 
 def to_layout(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:

@@ -418,8 +418,7 @@ class ContMix(_ContMixBase):
         self.fusion_proj = nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_map(x, self.layout, self.dim, "ContMix")
+        check_map(x, self.layout, self.dim, "ContMix")
         x = self.dwconv1(to_layout(x, self.layout, "NCHW").contiguous())
         identity, x = x, self.norm1(x)
         mixed = self.fusion_proj(self._mix(x))

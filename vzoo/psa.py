@@ -16,11 +16,12 @@ Computation: on the Triton backend without gradients, one fused multi-level kern
 pyramid. Otherwise (CPU, or training) one :func:`vzoo.kernels.block_sparse_attention` per level (pooled
 levels on pooled keys with smaller blocks) merged exactly by log-sum-exp, forward and backward. When
 the selected density is above the device's break-even density (:mod:`vzoo.kernels.break_even`) the
-call runs dense attention instead.
+call runs dense attention instead (on the tokens in their input order: no reorder needed).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -221,6 +222,14 @@ def _sorted_levels(config: PSAConfig, ranked: torch.Tensor) -> torch.Tensor:
     return levels
 
 
+@functools.lru_cache(maxsize=64)
+def _quantiles_select_any(quantiles: tuple[float, ...], block_k: int, tile_k: int, nkb: int) -> bool:
+    """Whether quantile mode gives any of ``nkb`` key blocks a level: its intervals depend only on the
+    shares, the level alignment and ``nkb`` (not on the importance), so this is decided on the host."""
+    config = PSAConfig(block_k=block_k, tile_k=tile_k, mode="quantile", quantiles=quantiles)
+    return bool(_sorted_levels(config, torch.zeros(1, nkb)).any())
+
+
 @torch.no_grad()
 def psa_levels(
     q: torch.Tensor, k: torch.Tensor, config: PSAConfig, scale: float | None = None, *,
@@ -231,20 +240,22 @@ def psa_levels(
     ``k [B, Hkv, S, D]`` (already reordered). ``offsets``: the sampled token offsets (see
     :func:`psa_offsets`); drawn with ``generator`` (torch's global one if None) when not given."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    nkb = -(-k.shape[2] // config.block_k)
+    if config.mode == "quantile" and not _quantiles_select_any(tuple(config.quantiles), config.block_k, config.tile_k, nkb):
+        raise ValueError(
+            f"PSAConfig.quantiles={tuple(config.quantiles)} select none of the {nkb} key blocks "
+            f"(block_k={config.block_k}); raise the shares or lower block_k"
+        )
     if offsets is None:
         offsets = psa_offsets(q.shape[0], (q.shape[1], k.shape[1]), config, q.device, generator)
-    for off, x, block, name in zip(offsets, (q, k), (config.block_q, config.block_k), ("query", "key")):
-        want = (*x.shape[:2], block // 4)
-        if off.shape != want or off.is_floating_point() or off.dtype == torch.bool or bool(((off < 0) | (off >= block)).any()):
-            raise ValueError(f"psa_levels: {name} offsets {tuple(off.shape)} {off.dtype} must be integers in [0, {block}) of shape {want}")
+    else:  # the caller's offsets (drawn ones are valid by construction: no range check, no host sync)
+        for off, x, block, name in zip(offsets, (q, k), (config.block_q, config.block_k), ("query", "key")):
+            want = (*x.shape[:2], block // 4)
+            if off.shape != want or off.is_floating_point() or off.dtype == torch.bool or bool(((off < 0) | (off >= block)).any()):
+                raise ValueError(f"psa_levels: {name} offsets {tuple(off.shape)} {off.dtype} must be integers in [0, {block}) of shape {want}")
     score = _importance(q, k, config, scale, offsets)
     ranked, order = score.sort(dim=-1, descending=True, stable=True)
     levels = torch.empty_like(order).scatter_(-1, order, _sorted_levels(config, ranked))
-    if config.mode == "quantile" and not bool((levels > 0).any()):
-        raise ValueError(
-            f"PSAConfig.quantiles={tuple(config.quantiles)} select none of the {score.shape[-1]} key blocks "
-            f"(block_k={config.block_k}); raise the shares or lower block_k"
-        )
     if config.sim_cap is not None:
         cap = _similarity_cap(k, config)
         if cap.shape[1] != levels.shape[1]:
@@ -288,20 +299,26 @@ def psa_attention(
     config = config or PSAConfig()
     if q.dim() != 4 or k.dim() != 4 or k.shape[2] != q.shape[2]:
         raise ValueError(f"psa_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, S, D] self-attention")
+    if config.reorder and (grid is None or math.prod(grid) != q.shape[2]):
+        raise ValueError(f"psa_attention: grid {grid} must be given and hold S={q.shape[2]} tokens when reorder=True")
+    q_in, k_in = q, k  # dense attention does not depend on the token order: the fallback skips the reorder
     if config.reorder:
-        if grid is None or math.prod(grid) != q.shape[2]:
-            raise ValueError(f"psa_attention: grid {grid} must be given and hold S={q.shape[2]} tokens when reorder=True")
         perm = gilbert_order(grid, q.device)
-        q, k, v = (x.index_select(2, perm) for x in (q, k, v))
+        q, k = (x.index_select(2, perm) for x in (q, k))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     levels = psa_levels(q, k, config, scale, offsets=offsets, generator=generator)
-    weights = torch.tensor([0.0] + [1.0 / p for p in POOLS], device=levels.device)
-    density = weights[levels].mean().item()
-    dense = (config.dense_fallback if dense_fallback is None else dense_fallback) and dense_is_faster(density, q.device, "psa")
+    fallback = config.dense_fallback if dense_fallback is None else dense_fallback
+    density = None
+    if return_density or fallback:  # one host sync, only when the density is used
+        weights = torch.tensor([0.0] + [1.0 / p for p in POOLS], device=levels.device)
+        density = weights[levels].mean().item()
+    dense = fallback and dense_is_faster(density, q.device, "psa")
     s, bq, bk = q.shape[2], config.block_q, config.block_k
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not dense and config.reorder:
+        v = v.index_select(2, perm)
     if dense:
-        out, lse = dense_attention_lse(q, k, v, scale, need_lse=return_lse)
+        out, lse = dense_attention_lse(q_in, k_in, v, scale, need_lse=return_lse)
     elif not needs_grad and resolve_backend(backend, q.device, needs_grad=False, needs_lse=True) == "triton":
         from vzoo.kernels.pyramid_triton import pyramid_attention_fwd
 
@@ -320,7 +337,7 @@ def psa_attention(
             outs.append(out)
             lses.append(lse + math.log(p))  # a pooled key stands for p keys
         out, lse = merge_attention_states(outs, lses)
-    if config.reorder:
+    if config.reorder and not dense:
         out = torch.empty_like(out).index_copy_(2, perm, out)
         lse = torch.empty_like(lse).index_copy_(2, perm, lse) if return_lse else None
     extras = (lse,) if return_lse else ()

@@ -27,7 +27,7 @@ from vzoo.kernels import dense_is_faster, token_routed_attention
 from vzoo.kernels.break_even import dense_attention_lse
 from vzoo.registry import Method, register_method
 
-__all__ = ["VMoBAConfig", "VMoBAAttention", "vmoba_attention", "vmoba_routing", "vmoba_permutation"]
+__all__ = ["VMoBAConfig", "VMoBAAttention", "vmoba_attention", "vmoba_route", "vmoba_routing", "vmoba_permutation"]
 
 _POOLS = ("head_global", "query_head")
 
@@ -190,6 +190,27 @@ def vmoba_routing(
     return torch.zeros_like(keep).scatter_(-1, order, keep).view_as(gate) | own
 
 
+def vmoba_route(
+    q: torch.Tensor, k: torch.Tensor, grid: tuple[int, int, int], layer_idx: int, config: VMoBAConfig
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VMoBA's routing step for ``q, k [B, H, S, D]`` in (t, h, w) order of ``grid``: ``slots, block_n``
+    of :func:`vmoba_permutation` for layer ``layer_idx``, q and k in slot order (keys zero in padding
+    slots) and the :func:`vmoba_routing` mask of ``config`` (``[B, H, len(slots), N_b]``, queries in
+    slot order)."""
+    slots, block_n = vmoba_permutation(grid, config.block(layer_idx, grid), q.device)
+    valid = slots >= 0
+    padded = slots.numel() != q.shape[2]
+    qp, kp = (x.index_select(2, slots.clamp_min(0)) for x in (q, k))
+    if padded:  # padding slots: zero keys, hidden from every query
+        kp = kp.masked_fill(~valid[:, None], 0.0)
+    real = valid if padded else None
+    if config.mode == "topk":
+        mask = vmoba_routing(qp, kp, block_n, topk=config.topk[layer_idx % 3], valid=real)
+    else:
+        mask = vmoba_routing(qp, kp, block_n, tau=config.tau, pool=config.pool, valid=real)
+    return slots, block_n, qp, kp, mask
+
+
 def vmoba_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -226,29 +247,29 @@ def vmoba_attention(
     if q.dim() != 4 or q.shape[2] != t * h * w or k.shape[2] != q.shape[2]:
         raise ValueError(f"vmoba_attention: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, T*H*W, D] for grid {tuple(grid)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    slots, block_n = vmoba_permutation(grid, config.block(layer_idx, grid), q.device)
+    slots, block_n, qp, kp, mask = vmoba_route(q, k, grid, layer_idx, config)
     valid = slots >= 0
     padded = slots.numel() != q.shape[2]
-    qp, kp, vp = (x.index_select(2, slots.clamp_min(0)) for x in (q, k, v))
-    if padded:  # padding slots: zero keys and values, hidden from every query
-        kp, vp = (x.masked_fill(~valid[:, None], 0.0) for x in (kp, vp))
-    real = valid if padded else None
-    if config.mode == "topk":
-        mask = vmoba_routing(qp, kp, block_n, topk=config.topk[layer_idx % 3], valid=real)
-    else:
-        mask = vmoba_routing(qp, kp, block_n, tau=config.tau, pool=config.pool, valid=real)
-    sizes = valid.view(-1, block_n).sum(1).float()  # real tokens per block
-    density = (mask[:, :, valid].float() @ sizes).sum().item() / (mask.shape[0] * mask.shape[1] * q.shape[2] ** 2)
-    dense = (config.dense_fallback if dense_fallback is None else dense_fallback) and dense_is_faster(density, q.device, "vmoba")
+    fallback = config.dense_fallback if dense_fallback is None else dense_fallback
+    density = None
+    if return_density or fallback:  # one host sync, only when the density is used
+        sizes = valid.view(-1, block_n).sum(1).float()  # real tokens per block
+        selected = (valid.float() @ mask.float() @ sizes).sum()  # key tokens chosen by the real queries
+        density = selected.item() / (mask.shape[0] * mask.shape[1] * q.shape[2] ** 2)
+    dense = fallback and dense_is_faster(density, q.device, "vmoba")
     if dense:
         out, lse = dense_attention_lse(q, k, v, scale, need_lse=return_lse)
     else:
+        vp = v.index_select(2, slots.clamp_min(0))  # in slot order only here: dense attention needs no reorder
+        if padded:  # padding slots: zero values, hidden from every query
+            vp = vp.masked_fill(~valid[:, None], 0.0)
         block_idx = torch.where(mask, torch.arange(mask.shape[-1], device=q.device), -1)
         key_mask = valid.expand(q.shape[0], -1) if padded else None
         out, lse = token_routed_attention(qp, kp, vp, block_idx, block_n=block_n, scale=scale, return_lse=True, backend=backend, key_mask=key_mask)
-        index = slots[valid]
-        out = torch.empty_like(q).index_copy_(2, index, out[:, :, valid])
-        lse = torch.empty(q.shape[:3], dtype=lse.dtype, device=q.device).index_copy_(2, index, lse[:, :, valid]) if return_lse else None
+        if padded:  # drop the padding slots
+            slots, out, lse = slots[valid], out[:, :, valid], lse[:, :, valid] if return_lse else None
+        out = torch.empty_like(q).index_copy_(2, slots, out)
+        lse = torch.empty(q.shape[:3], dtype=lse.dtype, device=q.device).index_copy_(2, slots, lse) if return_lse else None
     extras = (lse,) if return_lse else ()
     extras += (density, dense) if return_density else ()
     return (out, *extras) if extras else out

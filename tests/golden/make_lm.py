@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from vzoo.atomic import write_atomic
+
 HERE = Path(__file__).resolve().parent
 MOBA_URL = "https://github.com/MoonshotAI/MoBA"
 SEER_URL = "https://github.com/microsoft/SeerAttention"
@@ -172,9 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_default_dtype(torch.float32)
     for name, data in (("moba.pt", make_moba(args.moba.resolve())), ("seer_gate.pt", make_seer(args.seer.resolve()))):
-        tmp = HERE / (name + ".tmp")
-        torch.save(data, tmp)
-        tmp.replace(HERE / name)
+        write_atomic(HERE / name, lambda tmp: torch.save(data, tmp))
         print(f"wrote {HERE / name} ({(HERE / name).stat().st_size} bytes) from {data['repo']} @ {data['commit']}")
 
 

@@ -50,6 +50,8 @@ HERE = Path(__file__).resolve().parent
 if "--check-kernels" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
+from vzoo.atomic import write_atomic  # noqa: E402  (imports triton: after TRITON_INTERPRET is set)
+
 
 def _commit(repo: Path) -> str:
     return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -302,9 +304,7 @@ def main() -> None:
     if a.check_kernels:
         return check_kernels(psa_repo)
     for name, data in (("vmoba", make_vmoba(vmoba_repo)), ("psa", make_psa(psa_repo))):
-        tmp = HERE / f"{name}.pt.tmp"
-        torch.save(data, tmp)
-        tmp.replace(HERE / f"{name}.pt")
+        write_atomic(HERE / f"{name}.pt", lambda tmp: torch.save(data, tmp))
         print(f"wrote {HERE / name}.pt ({(HERE / f'{name}.pt').stat().st_size} bytes) from {data['repo']}@{data['commit']}")
 
 

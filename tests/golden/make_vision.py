@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from vzoo.atomic import write_atomic
+
 HERE = Path(__file__).resolve().parent
 REPOS = {"biformer": "https://github.com/rayleizhu/BiFormer", "overlock": "https://github.com/LMMMEng/OverLoCK"}
 NEEDED = {"biformer": "ops/bra_legacy.py", "overlock": "models/overlock.py"}
@@ -257,9 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, make in (("biformer", make_biformer), ("overlock", make_overlock)):
         fixture = make(getattr(args, name).resolve())
         path = HERE / f"{name}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(fixture, tmp)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: torch.save(fixture, tmp))
         print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB, {fixture['repo']} @ {fixture['commit'][:7]})")
 
 

@@ -22,6 +22,9 @@ DEV = "cuda"
 # relative RMS error allowed per dtype: (forward, gradients)
 TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (5e-3, 1e-2), torch.bfloat16: (2e-2, 4e-2)}
 DTYPES = list(TOL)
+# Absolute lse tolerance (fp32 lse from inputs of each dtype). Unverified on GPU: set from the forward
+# tolerances, not yet measured on a device.
+LSE_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
 def rel_rms(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -72,7 +75,7 @@ def check(fn, ref, xs, dtype, with_lse=True):
     if with_lse:
         assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
         fin = ~torch.isinf(want_lse)
-        assert (lse[fin].double() - want_lse[fin]).abs().max() < 50 * fwd_tol
+        assert (lse[fin].double() - want_lse[fin]).abs().max() < LSE_TOL[dtype]
     grads = torch.autograd.grad((out.double() * upstream).sum(), mine)
     wants = torch.autograd.grad((want * upstream).sum(), gold)
     for name, got, w in zip("qkv", grads, wants):
@@ -227,7 +230,7 @@ def test_pyramid_forward(dtype):
     out, lse = pyramid_attention_fwd(q, pk, pv, levels.to(torch.int32), lengths, bm, bn, d ** -0.5)
     want, want_lse = dense64(q, pk, pv, allowed, bias=bias)
     assert rel_rms(out, want) < TOL[dtype][0]
-    assert (lse.double() - want_lse).abs().max() < 50 * TOL[dtype][0]
+    assert (lse.double() - want_lse).abs().max() < LSE_TOL[dtype]
 
 
 def na_av64(attn, value, k):

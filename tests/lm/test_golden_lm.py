@@ -70,10 +70,12 @@ def test_seer_gate_matches_official(case):
 
 
 def test_seer_distillation_target_matches_official_pooling_kernel():
-    """The official Triton attention-pooling kernel stores its block max-pooled map in bf16 (rounding up
-    to 2**-9 relative, plus its bf16 row normalisation), hence atol 1e-2 here."""
+    """The official Triton attention-pooling kernel rounds to bf16 the per-block row-max logits it
+    exponentiates later (``R``: up to 2**-9 relative of a logit, 1-2% of a pooled probability here)
+    and the pooled map and its row sums (``Po``), so vzoo's fp32 target differs by up to 5.6e-3 on this
+    fixture (rounding it to bf16 as well does not bring it closer): atol 6e-3."""
     case = SEER["distill"]
     q, k = case["q"].transpose(1, 2), case["k"].transpose(1, 2)  # official layout [B, S, H, D]
     target = distill_target(q, k, case["block_size"], case["scale"])
-    torch.testing.assert_close(target, case["target"], atol=1e-2, rtol=0)
+    torch.testing.assert_close(target, case["target"], atol=6e-3, rtol=0)
     assert (target - case["target"]).abs().mean() < 2e-3  # bf16 rounding, not a different map

@@ -84,3 +84,20 @@ def test_sentence_attention_layouts():
         block(torch.randn(2, 5, 7, C), text)
     with pytest.raises(ValueError, match="layout='NHWC'"):
         nhwc(torch.randn(2, C, 5, 7), text)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("name", MODULES)
+def test_scripted_module_matches_eager_and_checks_the_layout(name):
+    """``torch.jit.script`` compiles the shared layout check (no f-string in it), and the scripted
+    module gives the eager numbers and refuses a map whose channel axis disagrees with its layout."""
+    for module in _pair(name):
+        scripted = torch.jit.script(module)
+        torch.manual_seed(1)
+        x = torch.randn(2, C, 8, 8)
+        x = x if module.layout == "NCHW" else x.permute(0, 2, 3, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(x), module(x))
+        bad = torch.randn(1, 6, 10, C) if module.layout == "NCHW" else torch.randn(1, C, 6, 10)
+        with pytest.raises(torch.jit.Error, match=f"layout='{module.layout}'"):
+            scripted(bad)

@@ -274,6 +274,9 @@ def test_offsets_are_drawn_per_call_and_head_and_seed_reproduces():
     assert len({tuple(x.sort().values.tolist()) for x in a[0].flatten(0, 1)}) > 1  # per head
     assert all(len(set(x.tolist())) == 8 and 0 <= min(x) and max(x) < 32 for x in a[0].flatten(0, 1))
     q = torch.randn(1, 2, 256, 8).cumsum(2)
-    m1, m2 = PyramidSparseAttention(PSAConfig(block_q=32, block_k=32, seed=4)), PyramidSparseAttention(PSAConfig(block_q=32, block_k=32, seed=4))
+    seeded = lambda seed: PyramidSparseAttention(PSAConfig(block_q=32, block_k=32, seed=seed, dense_fallback=False))  # noqa: E731
+    m1, m2 = seeded(4), seeded(4)
     first = m1(q, q, q, (4, 8, 8))
     assert torch.equal(first, m2(q, q, q, (4, 8, 8)))  # same seed, same run
+    assert not torch.equal(m1(q, q, q, (4, 8, 8)), first)  # the generator advanced: fresh offsets
+    assert not torch.equal(seeded(5)(q, q, q, (4, 8, 8)), first)  # another seed, other offsets

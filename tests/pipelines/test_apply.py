@@ -146,13 +146,16 @@ def test_pipelines_end_to_end_with_dense_warmup(family_name):
     stock = run()
     with apply_sparse_attention(pipe, DenseConfig()):
         assert torch.equal(run(), stock)
-    with apply_sparse_attention(pipe, VMoBAConfig(topk=(1, 2, 3), dense_warmup=0.5)) as handle:
+    # dense_fallback=False: these tiny grids select more than the break-even density, and the sparse
+    # steps must really run the sparse kernels
+    with apply_sparse_attention(pipe, VMoBAConfig(topk=(1, 2, 3), dense_warmup=0.5, dense_fallback=False)) as handle:
         out = run()
-    assert handle.sparse_calls == 2 * passes * layers
-    assert out.shape == stock.shape and torch.isfinite(out).all()
-    with apply_sparse_attention(pipe, PSAConfig(block_q=16, block_k=16, dense_warmup=0.5)) as handle:
-        assert torch.isfinite(run()).all()
-    assert handle.sparse_calls == 2 * passes * layers
+    assert handle.sparse_calls == 2 * passes * layers and handle.dense_calls == 0
+    assert out.shape == stock.shape and torch.isfinite(out).all() and not torch.equal(out, stock)
+    with apply_sparse_attention(pipe, PSAConfig(block_q=16, block_k=16, dense_warmup=0.5, dense_fallback=False)) as handle:
+        out = run()
+    assert handle.sparse_calls == 2 * passes * layers and handle.dense_calls == 0
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
     assert torch.equal(run(), stock)
 
 

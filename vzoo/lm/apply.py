@@ -7,7 +7,8 @@ intersected with the method's pattern) and refused where a method cannot; attent
 soft-capping (Gemma 2's ``attn_logit_softcapping``, passed as ``softcap=``) is refused by every
 method. MoBA and LongGen's ``local_stride`` place blocks at absolute positions, so on such models the
 sliding-window layers keep their whole KV cache (:func:`~vzoo.lm.layers.keep_full_cache`) and cached
-generation equals recomputation. Refusals are ``ValueError`` at ``apply_sparse_attention`` time naming the feature.
+generation equals recomputation. Refusals are ``ValueError`` at ``apply_sparse_attention`` time naming the feature
+(and, as a backstop, on a call that passes a refused ``softcap=`` / ``sliding_window=``).
 
 Never slower than dense: a MoBA call or SeerAttention prompt whose selection is denser than the
 break-even density of the device (:func:`vzoo.kernels.dense_is_faster`) runs the model's dense
@@ -35,26 +36,6 @@ from .seer import SeerAttentionConfig, attach_gate, seer_attention
 __all__ = ["SparseAttentionHandle", "apply_sparse_attention", "register_methods"]
 
 
-def _any_window(config, window: int) -> None:
-    return None
-
-
-def _no_window(config, window: int) -> str:
-    return "its pattern has no sliding-window rule"
-
-
-def _never(config) -> bool:
-    return False
-
-
-def _always(config) -> bool:
-    return True
-
-
-def _strided(config: LongGenConfig) -> bool:
-    return config.pattern == "local_stride"
-
-
 @dataclass(frozen=True)
 class _Method:
     name: str  # the attn_implementation name
@@ -62,20 +43,21 @@ class _Method:
     attention: Callable  # (config, query, key, value, attention_mask, scale, module, **kwargs) -> [B, H, q, D]
     attach: Callable | None = None  # (model, attention module, config) -> something with .remove(), or None
     mask: str = "sdpa"  # the mask function: "sdpa" (transformers' sdpa_mask) or "keys" (2-D key validity)
-    # (config, a layer's sliding window) -> why the method cannot honour it, or None (it receives sliding_window=)
-    window_error: Callable = _any_window
+    # (config, a layer's sliding window) -> why the method cannot honour it, or None; no function: the
+    # method honours every window (it receives sliding_window=)
+    window_error: Callable | None = None
     # (config) -> whether the method's blocks sit at absolute positions, so sliding-window layers must
     # keep their whole KV cache for cached generation to equal recomputation
-    full_cache: Callable = _never
+    full_cache: Callable = lambda config: False
 
 
 _METHODS = {
-    MoBAConfig: _Method("vzoo_moba", "MoBA", moba_attention, attach_key_conv, full_cache=_always),
+    MoBAConfig: _Method("vzoo_moba", "MoBA", moba_attention, attach_key_conv, full_cache=lambda config: True),
     LongGenConfig: _Method("vzoo_longgen", "LongGen", longgen_attention, attach_eviction, window_error=longgen_window_error,
-                           full_cache=_strided),
+                           full_cache=lambda config: config.pattern == "local_stride"),
     SeerAttentionConfig: _Method("vzoo_seer", "SeerAttention", seer_attention, attach_gate),
     BlockRankConfig: _Method("vzoo_blockrank", "BlockRank", blockrank_attention, attach_scoring, mask="keys",
-                             window_error=_no_window),
+                             window_error=lambda config, window: "its pattern has no sliding-window rule"),
 }
 
 
@@ -100,7 +82,7 @@ def _check_features(method: _Method, config, model: nn.Module, modules: list[nn.
         if m.layer_idx not in patched and method.mask == "sdpa":
             continue
         window = _model_window(m)
-        if window is not None and (why := method.window_error(config, window)):
+        if window is not None and method.window_error is not None and (why := method.window_error(config, window)):
             raise ValueError(f"{kind} sliding-window attention (sliding_window={window}, layer {m.layer_idx}) is not "
                              f"supported by {method.label}: {why}")
 
@@ -118,10 +100,14 @@ def _interface_function(method: _Method) -> Callable:
                 f"{method.name} has no attention dropout (the model's attention_dropout is {dropout}); "
                 "set model.config.attention_dropout = 0.0 to train with it"
             )
+        # _check_features refused these at apply time from where transformers' models keep them (module
+        # attributes, config); this checks what the call really passes (no sync, a few dict look-ups), which
+        # also covers a remote-code model keeping them elsewhere and a config changed after apply: the
+        # methods take **kwargs and would otherwise drop softcap= / sliding_window= silently.
         if kwargs.get("softcap") is not None:
             raise ValueError(f"attention logit soft-capping (softcap={kwargs['softcap']}) is not supported by {method.label}")
         window = kwargs.get("sliding_window")
-        if window is not None and (why := method.window_error(config, window)):
+        if window is not None and method.window_error is not None and (why := method.window_error(config, window)):
             raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported by {method.label}: {why}")
         scale = module.scaling if scaling is None else scaling
         out = method.attention(config, query, key, value, attention_mask, scale, module, **kwargs)

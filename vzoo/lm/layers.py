@@ -28,13 +28,14 @@ def select_layers(owner: str, layers: tuple[int, ...] | None, num_layers: int) -
     return tuple(layers)
 
 
-def key_validity(attention_mask: torch.Tensor) -> torch.Tensor:
+def key_validity(attention_mask: torch.Tensor, windowed: bool = False) -> torch.Tensor:
     """bool ``[B, kv]``: the keys transformers' ``[B, 1, q, kv]`` mask (bool, or additive with 0 = keep)
-    leaves visible to some query, i.e. the unpadded keys. (Under a sliding window the last row alone
-    would hide every key before its window; a key outside every row's window is hidden by the window
-    rule the methods apply anyway.)"""
+    leaves visible to some query, i.e. the unpadded keys. Without a window that is the last query's row;
+    on a sliding-window layer (``windowed``) that row would hide every key before its window, so it is
+    any row's (a full pass over the mask; a key outside every row's window is hidden by the window rule
+    the methods apply anyway)."""
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    return mask[:, 0].any(-2)
+    return mask[:, 0].any(-2) if windowed else mask[:, 0, -1]
 
 
 class Attachment:

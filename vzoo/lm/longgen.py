@@ -121,7 +121,7 @@ def longgen_attention(
     sq, skv = query.shape[2], key.shape[2]
     if config.pattern == "local_stride":
         layout = _stride_layout(config, sq, skv, query.device)
-        keys = None if attention_mask is None else key_validity(attention_mask)
+        keys = None if attention_mask is None else key_validity(attention_mask, sliding_window is not None)
         return block_sparse_attention(
             query, key, value, layout, causal=True, scale=scale, key_mask=keys, window=sliding_window
         )
@@ -129,7 +129,7 @@ def longgen_attention(
     if sliding_window is not None and (not sink or sliding_window <= window):
         sink, window = 0, min(window, sliding_window)
     if attention_mask is not None:  # padding (sdpa_mask gives None when only causality applies)
-        keys = key_validity(attention_mask)
+        keys = key_validity(attention_mask, sliding_window is not None)
         if keys.shape[-1] > skv:  # the cache evicted the middle: keep the sink's and the tail's columns
             kept = config.sink
             keys = torch.cat([keys[:, :kept], keys[:, keys.shape[-1] - (skv - kept) :]], -1)

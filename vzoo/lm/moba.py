@@ -129,14 +129,16 @@ def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, w
 def routed_density(block_idx: torch.Tensor, skv: int, block_size: int, window: int | None = None) -> float:
     """Share of the causal (and windowed) (query, key) pairs the routing ``block_idx [B, H, Sq, K]`` of
     :func:`moba_routing` selects, for queries at the last ``Sq`` of ``skv`` positions."""
-    sq = block_idx.shape[2]
+    b, h, sq = block_idx.shape[:3]
+    # the query at position p sees n = p + 1 keys, or min(n, window): sum over n = skv - sq + 1 .. skv in Python
+    lo, cap = skv - sq, skv if not window else min(skv, max(window, skv - sq))
+    total = ((cap * (cap + 1) - lo * (lo + 1)) // 2 + (skv - cap) * (window or 0)) * b * h
     pos = torch.arange(skv - sq, skv, device=block_idx.device)
     first = (pos - window + 1).clamp_min(0) if window else torch.zeros_like(pos)  # first visible key
     start = block_idx * block_size
     end = torch.minimum(start + block_size, pos[:, None] + 1)
     picked = (end - torch.maximum(start, first[:, None])).clamp_min(0) * (block_idx >= 0)
-    total = int((pos + 1 - first).sum()) * block_idx.shape[0] * block_idx.shape[1]
-    return int(picked.sum()) / total
+    return picked.sum().item() / total
 
 
 def moba_attention(
@@ -149,22 +151,23 @@ def moba_attention(
     model's sliding-window layer each query also keeps only the last ``sliding_window`` keys."""
     conv = getattr(module, "vzoo_key_conv", None)
     key = conv(key) if conv is not None else key
-    window = sliding_window
-    block_idx = moba_routing(query, key, config.block_size, config.topk, window)
-    density = routed_density(block_idx, key.shape[2], config.block_size, window)
-    if run_dense(module, config.dense_fallback, density, query.device, "moba"):
-        return dense_attention(query, key, value, attention_mask, scale, window)
-    keys = None if attention_mask is None else key_validity(attention_mask)
+    block_idx = moba_routing(query, key, config.block_size, config.topk, sliding_window)
+    # the density (one host sync) only serves the fallback decision and the handle's statistics
+    if config.dense_fallback or getattr(module, "vzoo_density", None) is not None:
+        density = routed_density(block_idx, key.shape[2], config.block_size, sliding_window)
+        if run_dense(module, config.dense_fallback, density, query.device, "moba"):
+            return dense_attention(query, key, value, attention_mask, scale, sliding_window)
+    keys = None if attention_mask is None else key_validity(attention_mask, sliding_window is not None)
     own_block = block_idx[:1, :1, :, :1]  # the same for every row and head
     own, lse = token_routed_attention(
         query, key, value, own_block, block_n=config.block_size, causal=True, scale=scale, return_lse=True, key_mask=keys,
-        window=window,
+        window=sliding_window,
     )
     past = block_idx[..., 1:]
     if not past.shape[-1]:  # top-1, or no complete past block yet (otherwise some query has a candidate)
         return own
     routed, lse_r = token_routed_attention(
-        query, key, value, past, block_n=config.block_size, scale=scale, return_lse=True, key_mask=keys, window=window
+        query, key, value, past, block_n=config.block_size, scale=scale, return_lse=True, key_mask=keys, window=sliding_window
     )
     return merge_attention_states([own, routed], [lse, lse_r])[0]
 

@@ -253,7 +253,7 @@ def seer_attention(
     gate: AttnGate = module.attn_gate
     pending, gate.pending = gate.pending, None
     sq, skv = query.shape[2], key.shape[2]
-    keys = None if attention_mask is None else key_validity(attention_mask)[:, :skv]
+    keys = None if attention_mask is None else key_validity(attention_mask, sliding_window is not None)[:, :skv]
     prefill = sq == skv and sq > 1 and pending is not None
     if module.training and prefill and sliding_window is not None:
         raise ValueError(

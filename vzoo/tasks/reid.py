@@ -107,7 +107,8 @@ class PKSampler(Sampler[int]):
         for i, pid in enumerate(pids):
             self.by_pid[pid].append(i)
         if len(self.by_pid) < p:
-            raise ValueError(f"PKSampler: p={p} identities per batch but the data holds only {len(self.by_pid)}")
+            raise ValueError(f"PKSampler: p={p} identities x k={k} images per batch, "
+                             f"but the data holds only {len(self.by_pid)} training identities")
         self.p, self.k, self.seed, self.epoch = p, k, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -225,19 +226,17 @@ def reid_run(model_name: str, data: str | Path, batch_size: int, size: tuple[int
              seed: int = 0, instances: int = 4, placement: str = "none"):
     """The re-ID :class:`~vzoo.tasks.trainer.TaskRun`: PK batches (``batch_size / instances`` identities),
     CE with label smoothing 0.1 on post-BN logits + batch-hard triplet (margin 0.3) on pre-BN features."""
-    from .trainer import TaskRun
+    from .trainer import TaskRun, check_batch_size
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2 * instances:
-        raise ValueError(f"batch_size={batch_size!r} is smaller than one P x K group: re-ID batches hold at least "
+    check_batch_size(batch_size)
+    if batch_size < 2 * instances:
+        raise ValueError(f"batch_size={batch_size} is smaller than one P x K group: re-ID batches hold at least "
                          f"2 identities x {instances} images = {2 * instances}")
     split = read_market1501(data)
     pids = [s.pid for s in split["train"]]
     num_classes = max(pids) + 1
-    if batch_size // instances > num_classes:
-        raise ValueError(f"batch_size={batch_size} asks for {batch_size // instances} identities x {instances} images per batch, "
-                         f"but {data} has only {num_classes} training identities")
+    sampler = PKSampler(pids, batch_size // instances, instances, seed)  # refuses more identities per batch than the data has
     model = ReIDModel(model_name, num_classes, pretrained=pretrained, placement=placement)
-    sampler = PKSampler(pids, batch_size // instances, instances, seed)
     images = ReIDImages(split["train"], size, train=True)
 
     def batches(epoch: int) -> list[list[int]]:
