@@ -257,10 +257,29 @@ class BlockSparseLayout:
         """Dense bool ``[B, Hl, NQB, NKB]``."""
         return ids_to_mask(self.kv_indices, self.kv_indices >= 0, self.num_kv_blocks)
 
-    def density(self) -> float:
-        """Fraction of (query block, key block) pairs selected, averaged over batch and heads."""
-        total = self.kv_num_blocks.numel() * self.num_kv_blocks
-        return float(self.kv_num_blocks.sum()) / total if total else 0.0
+    def density(self, causal: bool = False) -> float:
+        """Fraction of (query block, key block) pairs selected, averaged over batch and heads. With
+        ``causal``: the fraction of the causal (query, key) token pairs (bottom-right aligned, query
+        ``i`` sees key ``j <= i + kv_len - q_len``) that the selected blocks hold, counted exactly
+        in closed form per (row, block) without a token-level mask."""
+        if not causal:
+            total = self.kv_num_blocks.numel() * self.num_kv_blocks
+            return float(self.kv_num_blocks.sum()) / total if total else 0.0
+        off, bm, bn = self.kv_len - self.q_len, self.block_m, self.block_n
+        rows = torch.arange(self.num_q_blocks, device=self.device)
+        first = rows * bm + off  # kv position of each row's first and one-past-last query
+        last = torch.clamp(rows * bm + bm, max=self.q_len) + off
+        ids = self.kv_indices.long()
+        start = ids * bn
+        length = torch.clamp(start + bn, max=self.kv_len) - start
+
+        def seen(n: torch.Tensor) -> torch.Tensor:  # keys of each block visible to the queries at 0 .. n - 1
+            x = torch.minimum((n[:, None] - start).clamp_min(0), length)
+            return x * (x + 1) // 2 + length * (n[:, None] - start - length).clamp_min(0)
+
+        pairs = ((seen(last) - seen(first)) * (ids >= 0)).sum()
+        causal_pairs = (self.q_len * (self.q_len + 1) // 2 + self.q_len * off) * self.kv_num_blocks.shape[:2].numel()
+        return float(pairs) / causal_pairs if causal_pairs else 0.0
 
     def transpose(self) -> BlockSparseLayout:
         """Column lists: the layout of the transposed problem (rows = key blocks, ids = query blocks).

@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 MAPPED = {"vzoo": "vzoo", "kernels": "vzoo.kernels", "backbones": "vzoo.backbones", "pipelines": "vzoo.pipelines"}
 
@@ -63,3 +65,21 @@ def test_vzoo_kernels_imports_from_another_folder(tmp_path):
     name, path = out.split()
     assert name == "vzoo.kernels"
     assert Path(path).resolve().parent == (ROOT / "kernels").resolve() or "site-packages" in path
+
+
+
+def test_import_vzoo_kernels_stays_light(tmp_path):  # a fresh interpreter
+    heavy = "('timm', 'diffusers', 'transformers', 'torchvision', 'vzoo.backbones', 'vzoo.lm')"
+    loaded = _run(f"import sys, vzoo.kernels, vzoo; print([m for m in {heavy} if m in sys.modules])", tmp_path)
+    assert loaded == "[]"
+
+
+@pytest.mark.parametrize("order", ["import vzoo, timm", "import timm, vzoo", "import vzoo; from vzoo import ContMix; import timm"])
+def test_import_vzoo_registers_the_timm_models_whatever_the_order(order, tmp_path):
+    assert _run(f"{order}; print(timm.is_model('biformer_tiny'), timm.is_model('overlock_xt'))", tmp_path) == "True True"
+
+
+def test_lazy_attributes_resolve_and_unknown_ones_raise(tmp_path):
+    out = _run("import vzoo; print(vzoo.ContMix.__module__, vzoo.VMoBAConfig.__module__, 'ContMix' in vzoo.__all__)\n"
+                 "try:\n    vzoo.NoSuchThing\nexcept AttributeError as e:\n    print('AttributeError', e)", tmp_path)
+    assert out.splitlines() == ["vzoo.overlock vzoo.vmoba True", "AttributeError module 'vzoo' has no attribute 'NoSuchThing'"]

@@ -9,8 +9,7 @@ import torch
 
 from vzoo.bench import median_ms, step_peak_mb
 
-__all__ = ["LMRow", "format_lm", "lm_methods", "lm_rows", "longgen_density", "moba_density", "narrow_llama", "topk_block_density",
-           "blockrank_density"]
+__all__ = ["LMRow", "bench_configs", "format_lm", "lm_rows", "model_density", "narrow_llama"]
 
 
 @dataclass
@@ -21,7 +20,7 @@ class LMRow:
     speedup: float  # SDPA time / this time
     peak_mb: float  # peak extra resident memory of the prefill
     kv_mb: float  # KV-cache bytes held after the prefill
-    density: float  # attended share of the causal (query, key) pairs, over all layers
+    density: float  # measured attended share of the causal (query, key) pairs, over all layers
     dense_share: float = 0.0  # share of the method's block-selecting calls that ran dense (break-even rule)
 
 
@@ -35,49 +34,24 @@ def narrow_llama(max_tokens: int, layers: int = 4, seed: int = 0) -> torch.nn.Mo
     return LlamaForCausalLM(cfg).eval()
 
 
-def moba_density(n: int, block: int, topk: int) -> float:
-    """Attended share of the causal pairs: query ``i`` sees its own block up to itself plus
-    ``min(topk - 1, complete past blocks)`` whole blocks (MoBA always finds that many candidates)."""
-    seen = sum(i % block + 1 + block * min(topk - 1, i // block) for i in range(n))
-    return seen / (n * (n + 1) / 2)
+def bench_configs(n: int) -> dict[str, object | None]:
+    """Benchmarked configurations at ``n`` tokens: ``"sdpa"`` (``None``) and every registered LM
+    method's rows (:attr:`vzoo.lm.registry.LMMethod.bench`)."""
+    from vzoo.lm import lm_methods
+
+    rows: dict[str, object | None] = {"sdpa": None}
+    for method in lm_methods():
+        if method.bench is not None:
+            rows.update(method.bench(n))
+    return rows
 
 
-def longgen_density(n: int, sink: int, window: int) -> float:
-    """Attended share of the causal pairs on a sink+window layer."""
-    seen = sum(min(i + 1, window) + min(sink, max(0, i + 1 - window)) for i in range(n))
-    return seen / (n * (n + 1) / 2)
-
-
-def topk_block_density(blocks: int, topk: int) -> float:
-    """Share of the causal (query block, key block) pairs that ``topk`` blocks per row keep."""
-    return sum(min(topk, i + 1) for i in range(blocks)) / (blocks * (blocks + 1) / 2)
-
-
-def blockrank_density(segments: int, length: int) -> float:
-    """Attended share of the causal pairs under BlockRank's segment pattern (no padding)."""
-    own = length * (length + 1) / 2
-    seen = segments * own + (segments - 2) * length * length + (segments - 1) * length * length
-    n = segments * length
-    return seen / (n * (n + 1) / 2)
-
-
-def lm_methods(n: int, layers: int = 4) -> dict[str, tuple[object | None, float]]:
-    """Benchmarked configurations: name -> (vzoo config or ``None`` for SDPA, density over the layers)."""
-    from vzoo.lm import BlockRankConfig, LongGenConfig, MoBAConfig, SeerAttentionConfig
-
-    longgen = LongGenConfig(sink=64, window=2048)
-    sparse = len(longgen.layer_ids(layers))
-    return {
-        "sdpa": (None, 1.0),
-        "moba (512, top-3)": (MoBAConfig(block_size=512, topk=3), moba_density(n, 512, 3)),
-        "flashmoba-style (128, top-8, key conv 3)": (
-            MoBAConfig(block_size=128, topk=8, key_conv=3), moba_density(n, 128, 8)),
-        "seerattention (top-32 of 64-token blocks)": (
-            SeerAttentionConfig(block_size=64, topk=32), topk_block_density(-(-n // 64), 32)),
-        f"blockrank ({n // 128 - 2} docs x 128 tokens)": (BlockRankConfig(block_length=128), blockrank_density(n // 128, 128)),
-        f"longgen ({sparse}/{layers} layers sink 64 + window 2048)": (
-            longgen, (layers - sparse + sparse * longgen_density(n, 64, 2048)) / layers),
-    }
+def model_density(handle, layers: int) -> float:
+    """Attended share of the causal pairs over all ``layers`` of a model: each patched layer's mean over
+    its recorded prompt calls (1.0 when it recorded none), the other layers 1.0."""
+    stats = handle.density_stats()
+    patched = sum(s.total / s.calls if s.calls else 1.0 for s in stats)
+    return (patched + layers - len(stats)) / layers
 
 
 def _kv_mb(cache) -> float:
@@ -99,7 +73,7 @@ def _fresh_peak_mb(n: int, name: str, max_tokens: int, dtype: torch.dtype) -> fl
     from vzoo.lm import apply_sparse_attention
 
     model, ids = narrow_llama(max_tokens).to(dtype), _prompt(n)
-    config = lm_methods(n)[name][0]
+    config = bench_configs(n)[name]
     if config is not None:
         apply_sparse_attention(model, config)
     _prefill(model, ids[:, :1024])
@@ -134,11 +108,11 @@ def lm_rows(
     dev = torch.device(device)
     rows = []
     spawn = multiprocessing.get_context("spawn")
-    bar = tqdm(total=len(tokens) * len(lm_methods(max(tokens))), desc="language models", disable=not progress)
+    bar = tqdm(total=sum(len(bench_configs(n)) for n in tokens), desc="language models", disable=not progress)
     for n in tokens:
         ids = _prompt(n).to(dev)
         base = None
-        for name, (config, density) in lm_methods(n).items():
+        for name, config in bench_configs(n).items():
             bar.set_postfix_str(f"{n} tokens, {name.split()[0]}")
             handle = apply_sparse_attention(model, config) if config is not None else None
             ms = median_ms(lambda: _prefill(model, ids), dev, repeats)
@@ -152,9 +126,10 @@ def lm_rows(
             else:
                 with ProcessPoolExecutor(1, mp_context=spawn) as pool:
                     peak_mb = pool.submit(_fresh_peak_mb, n, name, max(tokens), dtype).result()
-            share = 0.0
+            share, density = 0.0, 1.0
             if handle is not None:
                 share = handle.dense_calls / handle.sparse_calls if handle.sparse_calls else 0.0
+                density = model_density(handle, model.config.num_hidden_layers)
                 handle.remove()
             base = base or ms
             rows.append(LMRow(name, n, ms, base / ms, peak_mb, kv, density, share))

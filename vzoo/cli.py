@@ -12,14 +12,8 @@ import torch
 
 
 def _list(_: argparse.Namespace) -> int:
-    import importlib.util
-
-    import vzoo  # noqa: F401  (registers the vision and video methods)
     from vzoo.kernels import backend_status
     from vzoo.registry import OPS, methods
-
-    if importlib.util.find_spec("transformers") is not None:
-        import vzoo.lm  # noqa: F401  (registers the language-model methods)
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     status = {d: backend_status(d) for d in devices}

@@ -1,13 +1,18 @@
 """The vzoo registry: the ops of ``vzoo.kernels`` and the attention methods built on them.
 
-``vzoo list`` and ``vzoo bench`` read it. A method is registered only once it works end to end.
+``vzoo list`` and ``vzoo bench`` read it. A method is registered only once it works end to end, by
+the file that defines it; :func:`methods` first imports every module of the ``vzoo`` package (and
+``vzoo.lm`` when transformers is installed), so no table here names them.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pkgutil
 from dataclasses import dataclass
 
-__all__ = ["Method", "OPS", "register_method", "methods"]
+__all__ = ["Method", "OPS", "discover", "methods", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -64,5 +69,20 @@ def register_method(method: Method) -> Method:
     return method
 
 
+def discover() -> None:
+    """Import every top-level module of ``vzoo`` (each method file registers its method) and, when
+    transformers is installed, ``vzoo.lm``."""
+    import vzoo
+
+    for info in pkgutil.iter_modules(vzoo.__path__):
+        if not info.ispkg and info.name not in ("cli", "__main__"):
+            importlib.import_module(f"vzoo.{info.name}")
+    if importlib.util.find_spec("transformers") is not None:
+        importlib.import_module("vzoo.lm")
+    vzoo.register_timm_models()
+
+
 def methods() -> list[Method]:
+    """Every registered method (after :func:`discover`), by name."""
+    discover()
     return sorted(_METHODS.values(), key=lambda m: m.name)

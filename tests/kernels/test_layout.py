@@ -79,3 +79,19 @@ def test_expand_heads():
     assert all(torch.equal(wide.kv_indices[b, h], lay.kv_indices[0, 0]) for b in range(2) for h in range(3))
     with pytest.raises(ValueError, match="cannot broadcast"):
         wide.expand_heads(2, 4)
+
+
+@pytest.mark.parametrize("sq, skv, bm, bn", [(37, 37, 8, 8), (20, 45, 8, 16), (1, 30, 4, 4), (64, 64, 16, 8)])
+def test_causal_density_counts_the_causal_pairs_the_blocks_hold(sq, skv, bm, bn):
+    torch.manual_seed(sq + skv)
+    mask = torch.rand(2, 3, -(-sq // bm), -(-skv // bn)) < 0.5
+    layout = BlockSparseLayout.from_block_mask(mask, bm, bn, sq, skv)
+    held = causal = 0
+    for b in range(2):
+        for h in range(3):
+            for i in range(sq):
+                for j in range(i + skv - sq + 1):  # the causal pairs, one by one
+                    causal += 1
+                    held += bool(mask[b, h, i // bm, j // bn])
+    assert layout.density(causal=True) == pytest.approx(held / causal, abs=1e-12)
+    assert layout.density() == pytest.approx(mask.sum().item() / mask.numel(), abs=1e-12)

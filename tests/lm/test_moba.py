@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from vzoo.lm import MoBAConfig, apply_sparse_attention
-from vzoo.lm.moba import KeyConv, moba_attention
+from vzoo.lm.moba import KeyConv, moba_attention, moba_routing
 
 
-def _oracle(q, k, v, block, topk, scale):
-    """Loops: per head and query position, candidate past blocks (ending before it) by mean-key score."""
+def _oracle(q, k, v, block, topk, scale, sink=False):
+    """Loops: per head and query position, candidate past blocks (ending before it) by mean-key score;
+    with ``sink`` block 0 first whenever it is a candidate."""
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     k, v = (x.repeat_interleave(h // x.shape[1], 1).double() for x in (k, v))
@@ -24,7 +25,8 @@ def _oracle(q, k, v, block, topk, scale):
                 pos = skv - sq + i
                 cands = [j for j in range(skv // block) if (j + 1) * block <= pos]
                 scores = {j: (q[bi, hi, i].double() @ k[bi, hi, j * block : (j + 1) * block].mean(0)).item() for j in cands}
-                chosen = set(sorted(cands, key=lambda j: -scores[j])[: topk - 1]) | {pos // block}
+                ranked = sorted(cands, key=lambda j: (not (sink and j == 0), -scores[j]))
+                chosen = set(ranked[: topk - 1]) | {pos // block}
                 keys = [t for t in range(pos + 1) if t // block in chosen]
                 w = torch.softmax((k[bi, hi, keys] @ q[bi, hi, i].double()) * scale, 0)
                 out[bi, hi, i] = w @ v[bi, hi, keys]
@@ -37,8 +39,19 @@ def test_attention_matches_loop_oracle(sq):
     q = torch.randn(1, 4, sq, 16)
     k, v = torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16)
     for topk in (1, 2, 3):
-        out = moba_attention(MoBAConfig(block_size=8, topk=topk, dense_fallback=False), q, k, v, None, 0.25)
-        torch.testing.assert_close(out, _oracle(q, k, v, 8, topk, 0.25).float(), atol=1e-5, rtol=1e-5)
+        for sink in (False, True):
+            out = moba_attention(MoBAConfig(block_size=8, topk=topk, dense_fallback=False, sink=sink), q, k, v, None, 0.25)
+            torch.testing.assert_close(out, _oracle(q, k, v, 8, topk, 0.25, sink).float(), atol=1e-5, rtol=1e-5)
+
+
+def test_sink_keeps_the_first_block_the_official_rule_drops():
+    torch.manual_seed(2)
+    q, k = torch.randn(1, 1, 40, 8), torch.randn(1, 1, 40, 8)
+    k[:, :, :8] = -q[:, :, -1:].sign() * 3  # block 0 scores lowest for the last query
+    plain = moba_routing(q, k, 8, 2)[0, 0, -1].tolist()
+    sunk = moba_routing(q, k, 8, 2, sink=True)[0, 0, -1].tolist()
+    assert 0 not in plain and sunk == [4, 0]
+    assert moba_routing(q, k, 8, 2, sink=True)[0, 0, :8, 1].tolist() == [-1] * 8  # block 0 is not past yet
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

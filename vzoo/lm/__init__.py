@@ -1,17 +1,36 @@
 """Sparse attention for Hugging Face transformers causal LMs: ``apply_sparse_attention(model, MoBAConfig())``.
 
-Each method is registered under an ``attn_implementation`` name (``vzoo_moba``, ``vzoo_longgen``,
-``vzoo_seer``, ``vzoo_blockrank``) in both transformers' ``AttentionInterface`` and
-``AttentionMaskInterface`` (so padding masks survive)."""
+Every method file in this package registers itself (:mod:`vzoo.lm.registry`): importing ``vzoo.lm``
+imports them all, and each method's config class is then available here by name
+(``vzoo.lm.PBSConfig``). Each method is registered under its ``attn_implementation`` name
+(``vzoo_moba``, ...) in both transformers' ``AttentionInterface`` and ``AttentionMaskInterface`` (so
+padding masks survive).
+"""
+
+import importlib
+import pkgutil
 
 from .apply import SparseAttentionHandle, apply_sparse_attention
-from .blockrank import BlockRankConfig, blockrank_aux_loss, pack_prompt, rank
-from .longgen import LongGenConfig, longgen_attention
-from .moba import MoBAConfig, moba_attention
-from .seer import SeerAttentionConfig, block_recall, load_gates, save_gates, seer_distill_loss
+from .blockrank import blockrank_aux_loss, pack_prompt, rank
+from .longgen import longgen_attention
+from .moba import moba_attention
+from .registry import lm_methods
+from .seer import block_recall, load_gates, save_gates, seer_distill_loss
+
+for _info in pkgutil.iter_modules(__path__):  # each method file registers its method on import
+    importlib.import_module(f"{__name__}.{_info.name}")
+
+_CONFIGS = {m.config.__name__: m.config for m in lm_methods()}
+
+
+def __getattr__(name: str):
+    if name in _CONFIGS:
+        return _CONFIGS[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
-    "BlockRankConfig", "LongGenConfig", "MoBAConfig", "SeerAttentionConfig", "SparseAttentionHandle",
-    "apply_sparse_attention", "block_recall", "blockrank_aux_loss", "load_gates", "longgen_attention", "moba_attention",
-    "pack_prompt", "rank", "save_gates", "seer_distill_loss",
+    *sorted(_CONFIGS), "SparseAttentionHandle", "apply_sparse_attention", "block_recall", "blockrank_aux_loss",
+    "load_gates", "longgen_attention", "lm_methods", "moba_attention", "pack_prompt", "rank", "save_gates",
+    "seer_distill_loss",
 ]

@@ -20,45 +20,16 @@ architectures the model is fine-tuned for: they always run their pattern.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch.nn as nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vzoo.kernels.break_even import DensityReport, DensityStats
 
-from .blockrank import BlockRankConfig, attach_scoring, blockrank_attention, key_validity_mask
-from .layers import keep_full_cache
-from .longgen import LongGenConfig, attach_eviction, longgen_attention, longgen_window_error
-from .moba import MoBAConfig, attach_key_conv, moba_attention
-from .seer import SeerAttentionConfig, attach_gate, seer_attention
+from .layers import keep_full_cache, key_validity_mask
+from .registry import LMMethod, lm_method, lm_methods
 
 __all__ = ["SparseAttentionHandle", "apply_sparse_attention", "register_methods"]
-
-
-@dataclass(frozen=True)
-class _Method:
-    name: str  # the attn_implementation name
-    label: str  # the method's name in messages
-    attention: Callable  # (config, query, key, value, attention_mask, scale, module, **kwargs) -> [B, H, q, D]
-    attach: Callable | None = None  # (model, attention module, config) -> something with .remove(), or None
-    mask: str = "sdpa"  # the mask function: "sdpa" (transformers' sdpa_mask) or "keys" (2-D key validity)
-    # (config, a layer's sliding window) -> why the method cannot honour it, or None; no function: the
-    # method honours every window (it receives sliding_window=)
-    window_error: Callable | None = None
-    # (config) -> whether the method's blocks sit at absolute positions, so sliding-window layers must
-    # keep their whole KV cache for cached generation to equal recomputation
-    full_cache: Callable = lambda config: False
-
-
-_METHODS = {
-    MoBAConfig: _Method("vzoo_moba", "MoBA", moba_attention, attach_key_conv, full_cache=lambda config: True),
-    LongGenConfig: _Method("vzoo_longgen", "LongGen", longgen_attention, attach_eviction, window_error=longgen_window_error,
-                           full_cache=lambda config: config.pattern == "local_stride"),
-    SeerAttentionConfig: _Method("vzoo_seer", "SeerAttention", seer_attention, attach_gate),
-    BlockRankConfig: _Method("vzoo_blockrank", "BlockRank", blockrank_attention, attach_scoring, mask="keys",
-                             window_error=lambda config, window: "its pattern has no sliding-window rule"),
-}
 
 
 def _model_window(module: nn.Module) -> int | None:
@@ -68,7 +39,7 @@ def _model_window(module: nn.Module) -> int | None:
     return getattr(module.config, "sliding_window", None)
 
 
-def _check_features(method: _Method, config, model: nn.Module, modules: list[nn.Module], patched: set[int]) -> None:
+def _check_features(method: LMMethod, config, model: nn.Module, modules: list[nn.Module], patched: set[int]) -> None:
     """Refuse (``ValueError``) model features ``method`` would otherwise silently get wrong. Soft-capping
     on any layer (the other layers run SDPA, which has none); windows on the patched layers (the others
     keep transformers' windowed mask, except under BlockRank's key mask)."""
@@ -87,7 +58,7 @@ def _check_features(method: _Method, config, model: nn.Module, modules: list[nn.
                              f"supported by {method.label}: {why}")
 
 
-def _interface_function(method: _Method) -> Callable:
+def _interface_function(method: LMMethod) -> Callable:
     """The ``AttentionInterface`` function: ``query [B, H, q, D]`` after RoPE, ``key, value [B, Hkv, kv, D]``
     after the cache update; returns ``([B, q, H, D], None)``. Layers without a vzoo config run SDPA."""
 
@@ -97,7 +68,7 @@ def _interface_function(method: _Method) -> Callable:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
         if dropout and module.training:
             raise ValueError(
-                f"{method.name} has no attention dropout (the model's attention_dropout is {dropout}); "
+                f"{method.attn_implementation} has no attention dropout (the model's attention_dropout is {dropout}); "
                 "set model.config.attention_dropout = 0.0 to train with it"
             )
         # _check_features refused these at apply time from where transformers' models keep them (module
@@ -113,7 +84,7 @@ def _interface_function(method: _Method) -> Callable:
         out = method.attention(config, query, key, value, attention_mask, scale, module, **kwargs)
         return out.transpose(1, 2).contiguous(), None
 
-    attention.__name__ = f"{method.name}_attention"
+    attention.__name__ = f"{method.attn_implementation}_attention"
     return attention
 
 
@@ -123,9 +94,9 @@ def register_methods() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    for method in _METHODS.values():
-        AttentionInterface.register(method.name, _interface_function(method))
-        AttentionMaskInterface.register(method.name, sdpa_mask if method.mask == "sdpa" else key_validity_mask)
+    for method in lm_methods():
+        AttentionInterface.register(method.attn_implementation, _interface_function(method))
+        AttentionMaskInterface.register(method.attn_implementation, sdpa_mask if method.mask == "sdpa" else key_validity_mask)
 
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -169,16 +140,14 @@ class SparseAttentionHandle(DensityReport):
         self.remove()
 
 
-def apply_sparse_attention(
-    model: nn.Module, config: MoBAConfig | LongGenConfig | SeerAttentionConfig | BlockRankConfig
-) -> SparseAttentionHandle:
-    """Switch a transformers causal LM to a vzoo method on the layers ``config.layer_ids`` names.
+def apply_sparse_attention(model: nn.Module, config) -> SparseAttentionHandle:
+    """Switch a transformers causal LM to a vzoo method on the layers ``config.layer_ids`` names;
+    ``config`` is the config of any registered method (:func:`vzoo.lm.registry.lm_methods`:
+    ``MoBAConfig``, ``PBSConfig``, ...).
 
     Raises ``ValueError`` for model features the method cannot honour on those layers (logit
     soft-capping; sliding windows where the method says so)."""
-    if type(config) not in _METHODS:
-        raise ValueError(f"config must be one of {[c.__name__ for c in _METHODS]}, got {type(config).__name__}")
-    method = _METHODS[type(config)]
+    method = lm_method(config)
     register_methods()
     modules = _attention_modules(model)
     if any(hasattr(m, "vzoo_config") for m in modules):
@@ -194,5 +163,5 @@ def apply_sparse_attention(
             m.vzoo_config, m.vzoo_density = config, DensityStats()
             if method.attach is not None and (item := method.attach(model, m, config)) is not None:
                 attached.append(item)
-    model.set_attn_implementation(method.name)
+    model.set_attn_implementation(method.attn_implementation)
     return SparseAttentionHandle(model, original, modules, attached)

@@ -23,13 +23,13 @@ import torch.nn as nn
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
-from vzoo.registry import Method, register_method
 
-from .layers import Attachment, select_layers
+from .layers import Attachment, record_density, select_layers
+from .registry import LMMethod, register_lm_method
 
 __all__ = [
     "BlockRankConfig", "BlockRankPrompt", "blockrank_attention", "blockrank_aux_loss", "blockrank_layout",
-    "document_scores", "key_validity_mask", "pack_ids", "pack_prompt", "rank", "scores_of",
+    "document_scores", "pack_ids", "pack_prompt", "rank", "scores_of",
 ]
 
 QUERY_OFFSET = 16384  # the official position offset of the query segment
@@ -148,23 +148,12 @@ def blockrank_layout(num_segments: int, block_length: int, device=None) -> Block
     return BlockSparseLayout.from_block_mask(mask[None, None], block_length, block_length, n, n)
 
 
-def key_validity_mask(attention_mask: torch.Tensor | None = None, kv_length: int | None = None, kv_offset: int = 0, **_):
-    """``AttentionMaskInterface`` function: hand the attention the 2-D key validity ``[B, kv]`` (bool)
-    instead of a dense ``[B, 1, q, kv]`` mask (``None`` without padding)."""
-    if attention_mask is None:
-        return None
-    valid = attention_mask.bool()
-    if kv_length is not None:
-        valid = valid[:, kv_offset : kv_offset + kv_length]
-    return None if bool(valid.all()) else valid
-
-
 def blockrank_attention(
     config: BlockRankConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, scale: float, module=None, **_,
 ) -> torch.Tensor:
     """BlockRank attention over ``query [B, H, q, D]`` and ``key, value [B, Hkv, kv, D]``;
-    ``attention_mask`` is the key validity ``[B, kv]`` from :func:`key_validity_mask` (or ``None``).
+    ``attention_mask`` is the key validity ``[B, kv]`` from :func:`~vzoo.lm.layers.key_validity_mask` (or ``None``).
     For a prompt (``q == kv``) the instruction and document segments run on the block-sparse kernel
     with :func:`blockrank_layout` and the query segment, which sees every valid key before it, on
     SDPA; later tokens (decoding) see every valid key too. At a scoring layer, stores
@@ -185,11 +174,22 @@ def blockrank_attention(
     n = skv - h
     head_mask = None if attention_mask is None else attention_mask[:, :n]
     layout = blockrank_layout(skv // h, h, query.device)
+    record_density(module, blockrank_density(skv // h, h))
     head = block_sparse_attention(query[:, :, :n], key[:, :, :n], value[:, :, :n], layout, causal=True, scale=scale, key_mask=head_mask)
     out = torch.cat([head, out], 2)
     if module is not None and getattr(module, "blockrank_scoring", False):
         module.blockrank_scores = document_scores(query, key, attention_mask, scale, h, config.score_tokens)
     return out
+
+
+def blockrank_density(segments: int, length: int) -> float:
+    """Share of the causal pairs of a packed prompt (``segments`` of ``length`` tokens, no padding) that
+    BlockRank attends: each segment causally within itself, the instruction (first segment) from
+    every document, and the query (last segment) everything before it."""
+    own = length * (length + 1) // 2
+    seen = segments * own + (segments - 2) * length * length + (segments - 1) * length * length
+    n = segments * length
+    return seen / (n * (n + 1) // 2)
 
 
 def document_scores(
@@ -267,13 +267,11 @@ def rank(
     return [(documents[i], scores[i]) for i in order]
 
 
-register_method(
-    Method(
-        name="blockrank",
-        paper="Scalable In-context Ranking with Generative Models (BlockRank, 2025)",
-        arxiv="2510.05396",
-        modality="language",
-        ops=("block_sparse_attention",),
-        status="structured segment attention, permutation-invariant positions, attention scores, aux loss; 'vzoo_blockrank'",
-    )
-)
+register_lm_method(LMMethod(
+    config=BlockRankConfig, attn_implementation="vzoo_blockrank", label="BlockRank", attention=blockrank_attention,
+    paper="Scalable In-context Ranking with Generative Models (BlockRank, 2025)", arxiv="2510.05396",
+    ops=("block_sparse_attention",),
+    status="structured segment attention, permutation-invariant positions, attention scores, aux loss",
+    attach=attach_scoring, mask="keys", window_error=lambda config, window: "its pattern has no sliding-window rule",
+    bench=lambda tokens: {f"blockrank ({tokens // 128 - 2} docs x 128 tokens)": BlockRankConfig(block_length=128)},
+))

@@ -14,7 +14,7 @@ from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 
 __all__ = [
-    "Attachment", "dense_attention", "key_validity", "keep_full_cache", "run_dense", "select_layers",
+    "Attachment", "dense_attention", "key_validity", "key_validity_mask", "keep_full_cache", "record_density", "run_dense", "select_layers",
     "swap_cache_layer",
 ]
 
@@ -36,6 +36,17 @@ def key_validity(attention_mask: torch.Tensor, windowed: bool = False) -> torch.
     the methods apply anyway)."""
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     return mask[:, 0].any(-2) if windowed else mask[:, 0, -1]
+
+
+def key_validity_mask(attention_mask: torch.Tensor | None = None, kv_length: int | None = None, kv_offset: int = 0, **_):
+    """``AttentionMaskInterface`` function: hand the attention the 2-D key validity ``[B, kv]`` (bool)
+    instead of a dense ``[B, 1, q, kv]`` mask (``None`` without padding)."""
+    if attention_mask is None:
+        return None
+    valid = attention_mask.bool()
+    if kv_length is not None:
+        valid = valid[:, kv_offset : kv_offset + kv_length]
+    return None if bool(valid.all()) else valid
 
 
 class Attachment:
@@ -71,14 +82,21 @@ def dense_attention(
     return F.scaled_dot_product_attention(query, key, value, is_causal=sq > 1, scale=scale, enable_gqa=gqa)
 
 
-def run_dense(module: nn.Module | None, enabled: bool, density: float, device: torch.device, op: str) -> bool:
-    """Whether a call that selected ``density`` of the (causal) dense work runs dense attention instead:
-    ``enabled`` (the config's ``dense_fallback``) and above the break-even density of ``op`` on
-    ``device`` (:func:`vzoo.kernels.dense_is_faster`). Records the call on ``module.vzoo_density``."""
-    dense = enabled and dense_is_faster(density, device, op)
+def record_density(module: nn.Module | None, density: float, dense: bool = False) -> None:
+    """Count one prompt call of a patched attention ``module`` that attended ``density`` of the causal
+    (query, key) pairs (``dense``: it ran dense attention instead) on ``module.vzoo_density``, which
+    the handle of :func:`~vzoo.lm.apply_sparse_attention` reports."""
     stats = getattr(module, "vzoo_density", None)
     if stats is not None:
         stats.add(density, dense)
+
+
+def run_dense(module: nn.Module | None, enabled: bool, density: float, device: torch.device, op: str) -> bool:
+    """Whether a call that selected ``density`` of the (causal) dense work runs dense attention instead:
+    ``enabled`` (the config's ``dense_fallback``) and above the break-even density of ``op`` on
+    ``device`` (:func:`vzoo.kernels.dense_is_faster`). Records the call (:func:`record_density`)."""
+    dense = enabled and dense_is_faster(density, device, op)
+    record_density(module, density, dense)
     return dense
 
 

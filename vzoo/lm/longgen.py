@@ -28,9 +28,9 @@ import torch.nn as nn
 from transformers.cache_utils import DynamicLayer
 
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention, sink_window_attention
-from vzoo.registry import Method, register_method
 
-from .layers import key_validity, select_layers, swap_cache_layer
+from .layers import key_validity, record_density, select_layers, swap_cache_layer
+from .registry import LMMethod, register_lm_method
 
 __all__ = ["LongGenConfig", "SinkWindowLayer", "attach_eviction", "longgen_attention", "longgen_window_error"]
 
@@ -121,6 +121,8 @@ def longgen_attention(
     sq, skv = query.shape[2], key.shape[2]
     if config.pattern == "local_stride":
         layout = _stride_layout(config, sq, skv, query.device)
+        if sq == skv:
+            record_density(module, layout.density(causal=True))
         keys = None if attention_mask is None else key_validity(attention_mask, sliding_window is not None)
         return block_sparse_attention(
             query, key, value, layout, causal=True, scale=scale, key_mask=keys, window=sliding_window
@@ -133,7 +135,18 @@ def longgen_attention(
         if keys.shape[-1] > skv:  # the cache evicted the middle: keep the sink's and the tail's columns
             kept = config.sink
             keys = torch.cat([keys[:, :kept], keys[:, keys.shape[-1] - (skv - kept) :]], -1)
+    if sq == skv:
+        record_density(module, sink_window_density(skv, sink, window))
     return sink_window_attention(query, key, value, window, sink, scale=scale, block=config.block_size, key_mask=keys)
+
+
+def sink_window_density(n: int, sink: int, window: int) -> float:
+    """Share of the causal pairs of an ``n``-token prompt that ``sink`` + ``window`` keep: the query at
+    ``p`` sees ``min(p + 1, window)`` recent keys and ``min(sink, max(0, p + 1 - window))`` sink keys."""
+    recent = min(n, window) * (min(n, window) + 1) // 2 + window * max(n - window, 0)
+    beyond = max(n - window, 0)
+    sinks = min(beyond, sink) * (min(beyond, sink) + 1) // 2 + sink * max(beyond - sink, 0)
+    return (recent + sinks) / (n * (n + 1) // 2)
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -178,13 +191,15 @@ def attach_eviction(model: nn.Module, module: nn.Module, config: LongGenConfig):
     return module.register_forward_pre_hook(lambda mod, args, kwargs: swap_cache_layer(mod, kwargs, evicting), with_kwargs=True)
 
 
-register_method(
-    Method(
-        name="longgen",
-        paper="A Little Goes a Long Way: Efficient Long Context Training and Inference with Partial Contexts (ICLR 2025)",
-        arxiv="2410.01485",
-        modality="language",
-        ops=("block_sparse_attention",),
-        status="exact; transformers attn_implementation 'vzoo_longgen' (vzoo.lm), KV eviction on sink+window layers",
-    )
-)
+def _bench(tokens: int) -> dict:
+    config = LongGenConfig(sink=64, window=2048)
+    return {"longgen (sink 64 + window 2048, middle third full)": config}
+
+
+register_lm_method(LMMethod(
+    config=LongGenConfig, attn_implementation="vzoo_longgen", label="LongGen", attention=longgen_attention,
+    paper="A Little Goes a Long Way: Efficient Long Context Training and Inference with Partial Contexts (ICLR 2025)",
+    arxiv="2410.01485", ops=("block_sparse_attention", "sink_window_attention"),
+    status="exact; KV eviction on sink+window layers", attach=attach_eviction, window_error=longgen_window_error,
+    full_cache=lambda config: config.pattern == "local_stride", bench=_bench,
+))

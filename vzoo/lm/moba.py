@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vzoo.kernels import merge_attention_states, token_routed_attention
-from vzoo.registry import Method, register_method
 
 from .layers import Attachment, dense_attention, key_validity, run_dense, select_layers
+from .registry import LMMethod, register_lm_method
 
 __all__ = ["KeyConv", "MoBAConfig", "attach_key_conv", "moba_attention", "moba_routing"]
 
@@ -42,6 +42,9 @@ class MoBAConfig:
             break-even density of this device (:func:`vzoo.kernels.dense_is_faster`, op ``"moba"``)
             runs dense attention instead (MoBA and full attention are interchangeable by design):
             never slower than dense. ``False``: always the routing, as the official code.
+        sink: always route to the first block (the attention sink pretrained models rely on) once it
+            is complete and past; it takes one of the ``topk - 1`` routed slots. ``False``: the
+            official rule, where the first block competes like any other.
     """
 
     block_size: int = 512
@@ -49,6 +52,7 @@ class MoBAConfig:
     layers: tuple[int, ...] | None = None
     key_conv: int = 0
     dense_fallback: bool = True
+    sink: bool = False
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """The layers that use MoBA."""
@@ -63,8 +67,9 @@ class MoBAConfig:
             raise ValueError(f"MoBAConfig.layers={self.layers!r} must be None or non-negative layer indices")
         if not isinstance(self.key_conv, int) or self.key_conv < 0:
             raise ValueError(f"MoBAConfig.key_conv={self.key_conv!r} must be a non-negative int (0: no convolution)")
-        if not isinstance(self.dense_fallback, bool):
-            raise ValueError(f"MoBAConfig.dense_fallback={self.dense_fallback!r} must be a bool")
+        for name in ("dense_fallback", "sink"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoBAConfig.{name}={getattr(self, name)!r} must be a bool")
 
 
 class KeyConv(nn.Module):
@@ -102,10 +107,13 @@ def attach_key_conv(model: nn.Module, module: nn.Module, config: MoBAConfig) -> 
 
 
 @torch.no_grad()
-def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, window: int | None = None) -> torch.Tensor:
+def moba_routing(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, window: int | None = None, sink: bool = False
+) -> torch.Tensor:
     """Key-block ids per query ``[B, H, Sq, topk]`` (``-1`` unused): slot 0 is the own block, then the best
     ``topk - 1`` complete past blocks. ``q [B, H, Sq, D]`` are the last ``Sq`` of ``Skv`` positions.
-    With a sliding ``window``, blocks wholly before the query's window are no candidates."""
+    With a sliding ``window``, blocks wholly before the query's window are no candidates; with
+    ``sink``, block 0 is always among the routed blocks when it is a candidate."""
     b, h, sq, _ = q.shape
     skv = k.shape[2]
     pos = torch.arange(skv - sq, skv, device=q.device)
@@ -116,13 +124,15 @@ def moba_routing(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int, w
     means = k[:, :, : full * block_size].float().unflatten(2, (full, block_size)).mean(3)
     means = means.repeat_interleave(h // k.shape[1], 1)
     gate = q.float() @ means.transpose(-1, -2)  # [B, H, Sq, full]
+    if sink:
+        gate[..., 0] = float("inf")
     ends = (torch.arange(full, device=q.device) + 1) * block_size
     gate = gate.masked_fill(ends > pos[:, None], float("-inf"))  # only blocks that end before the query
     if window is not None:  # and that reach into its window (their last key j = end - 1 > pos - window)
         gate = gate.masked_fill(ends <= pos[:, None] - window + 1, float("-inf"))
     n = min(topk - 1, full)
     best = gate.topk(n, dim=-1)
-    picked = torch.where(torch.isfinite(best.values), best.indices, -1)
+    picked = torch.where(best.values > float("-inf"), best.indices, -1)
     return torch.cat([own, picked], -1)
 
 
@@ -151,7 +161,7 @@ def moba_attention(
     model's sliding-window layer each query also keeps only the last ``sliding_window`` keys."""
     conv = getattr(module, "vzoo_key_conv", None)
     key = conv(key) if conv is not None else key
-    block_idx = moba_routing(query, key, config.block_size, config.topk, sliding_window)
+    block_idx = moba_routing(query, key, config.block_size, config.topk, sliding_window, config.sink)
     # the density (one host sync) only serves the fallback decision and the handle's statistics
     if config.dense_fallback or getattr(module, "vzoo_density", None) is not None:
         density = routed_density(block_idx, key.shape[2], config.block_size, sliding_window)
@@ -172,13 +182,14 @@ def moba_attention(
     return merge_attention_states([own, routed], [lse, lse_r])[0]
 
 
-register_method(
-    Method(
-        name="moba",
-        paper="MoBA: Mixture of Block Attention for Long-Context LLMs (2025)",
-        arxiv="2502.13189",
-        modality="language",
-        ops=("token_routed_attention", "merge_attention_states"),
-        status="exact; transformers attn_implementation 'vzoo_moba' (vzoo.lm)",
-    )
-)
+register_lm_method(LMMethod(
+    config=MoBAConfig, attn_implementation="vzoo_moba", label="MoBA", attention=moba_attention,
+    paper="MoBA: Mixture of Block Attention for Long-Context LLMs (2025)", arxiv="2502.13189",
+    ops=("token_routed_attention", "merge_attention_states"), status="exact (golden outputs of the official code)",
+    attach=attach_key_conv, full_cache=lambda config: True,
+    bench=lambda tokens: {
+        "moba (512, top-3)": MoBAConfig(block_size=512, topk=3),
+        "moba (512, top-3, sink)": MoBAConfig(block_size=512, topk=3, sink=True),
+        "flashmoba-style (128, top-8, key conv 3)": MoBAConfig(block_size=128, topk=8, key_conv=3),
+    },
+))

@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, attention_block_max, block_sparse_attention
-from vzoo.registry import Method, register_method
 
 from .layers import Attachment, dense_attention, key_validity, run_dense, select_layers
+from .registry import LMMethod, register_lm_method
 
 __all__ = [
     "AttnGate", "SeerAttentionConfig", "attach_gate", "block_recall", "gate_parameters", "load_gates", "save_gates",
@@ -384,13 +384,11 @@ def load_gates(model: nn.Module, path: str | Path) -> None:
             p.copy_(state[name])
 
 
-register_method(
-    Method(
-        name="seerattention",
-        paper="SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs (2024)",
-        arxiv="2410.13276",
-        modality="language",
-        ops=("block_sparse_attention", "attention_block_max"),
-        status="gates + self-distillation + threshold/top-k inference; transformers attn_implementation 'vzoo_seer'",
-    )
-)
+register_lm_method(LMMethod(
+    config=SeerAttentionConfig, attn_implementation="vzoo_seer", label="SeerAttention", attention=seer_attention,
+    paper="SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs (2024)", arxiv="2410.13276",
+    ops=("block_sparse_attention", "attention_block_max"),
+    status="gates + self-distillation + threshold/top-k inference (golden outputs of the official gate)",
+    attach=attach_gate,
+    bench=lambda tokens: {"seerattention (top-32 of 64-token blocks)": SeerAttentionConfig(block_size=64, topk=32)},
+))
