@@ -9,7 +9,7 @@ import torch
 from vzoo.kernels.break_even import BREAK_EVEN
 from vzoo.lm import MoBAConfig, SeerAttentionConfig, apply_sparse_attention
 from vzoo.lm.moba import moba_routing, routed_density
-from vzoo.lm.seer import selected_density
+from vzoo.lm.layers import selected_density
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,8 @@ at ``apply_sparse_attention`` time naming the feature; never a silent mismatch."
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import (
@@ -12,7 +14,7 @@ from transformers import (
     Qwen2Config, Qwen2ForCausalLM,
 )
 
-from vzoo.lm import BlockRankConfig, LongGenConfig, MoBAConfig, SeerAttentionConfig, apply_sparse_attention
+from vzoo.lm import BlockRankConfig, LongGenConfig, MoBAConfig, SeerAttentionConfig, apply_sparse_attention, lm_methods
 
 WINDOW = 16
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -26,12 +28,10 @@ MODELS = {
     "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, sliding_window=WINDOW,
                                                          layer_types=["sliding_attention", "full_attention"])),
 }
-ALL_SELECTED = {  # every block selected: each method must reduce to the model's own attention
-    "moba": MoBAConfig(block_size=8, topk=64, dense_fallback=False),
-    "longgen-sink-window": LongGenConfig(sink=4, window=64, block_size=8, full_layers=()),
-    "longgen-local-stride": LongGenConfig(pattern="local_stride", sink=0, window=64, block_size=8, full_layers=()),
-    "seer": SeerAttentionConfig(block_size=8, threshold=0.0, dense_fallback=False),
-}
+# every registered method's contract configurations (every key selected): each must reduce to the
+# model's own attention, or refuse the model's sliding window at apply time
+ALL_SELECTED = {name: (method, config) for method in lm_methods() if method.contract  # test_registry requires one
+                for name, config in method.contract().items()}
 
 
 def _model(kind: str) -> torch.nn.Module:
@@ -45,6 +45,7 @@ def _model(kind: str) -> torch.nn.Module:
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_every_block_selected_equals_eager(kind, method):
     model = _model(kind)
+    registered, config = ALL_SELECTED[method]
     # some attention layer really has the window (Mistral's read it from the config), so a dropped one shows
     attn = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     assert WINDOW in [m.sliding_window if hasattr(m, "sliding_window") else m.config.sliding_window for m in attn]
@@ -54,7 +55,11 @@ def test_every_block_selected_equals_eager(kind, method):
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
         ref_gen = model.generate(ids[:1, :40], max_new_tokens=4, do_sample=False)
-        with apply_sparse_attention(model, ALL_SELECTED[method]):
+        if registered.window_error is not None and registered.window_error(config, WINDOW):
+            with pytest.raises(ValueError, match=f"sliding-window attention .* not supported by {registered.label}"):
+                apply_sparse_attention(model, config)
+            return
+        with apply_sparse_attention(model, config):
             out = model(ids, attention_mask=mask).logits
             single = model(ids[:1]).logits  # no padding: transformers may pass no mask
             gen = model.generate(ids[:1, :40], max_new_tokens=4, do_sample=False)
@@ -81,13 +86,13 @@ def test_sparse_cached_generation_past_the_window_equals_recomputation(kind, con
     assert not any(m._forward_pre_hooks for m in model.modules() if hasattr(m, "layer_idx"))  # removed
 
 
-@pytest.mark.parametrize("config", [MoBAConfig(block_size=8), LongGenConfig(window=64, block_size=8),
-                                    SeerAttentionConfig(block_size=8, layers=(1,))],
-                         ids=["MoBA", "LongGen", "SeerAttention-one-layer"])
-def test_gemma2_logit_softcapping_is_refused(config):  # also when a layer is left out: it would run SDPA
+@pytest.mark.parametrize("method", list(ALL_SELECTED))
+def test_gemma2_logit_softcapping_is_refused(method):  # also when a layer is left out: it would run SDPA
     model = Gemma2ForCausalLM(Gemma2Config(**COMMON, sliding_window=WINDOW)).eval()  # attn_logit_softcapping=50.0
-    name = {MoBAConfig: "MoBA", LongGenConfig: "LongGen", SeerAttentionConfig: "SeerAttention"}[type(config)]
-    with pytest.raises(ValueError, match=f"gemma2 attention logit soft-capping.*not supported by {name}"):
+    registered, config = ALL_SELECTED[method]
+    if "layers" in {f.name for f in dataclasses.fields(config)}:
+        config = dataclasses.replace(config, layers=(1,))
+    with pytest.raises(ValueError, match=f"gemma2 attention logit soft-capping.*not supported by {registered.label}"):
         apply_sparse_attention(model, config)
     assert not any(hasattr(m, "vzoo_config") or hasattr(m, "attn_gate") for m in model.modules())  # nothing attached
 

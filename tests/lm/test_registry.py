@@ -26,6 +26,8 @@ def test_every_method_file_registered_itself_and_its_config_is_exported():
         assert m.attn_implementation.removeprefix("vzoo_") in listed
         assert dataclasses.is_dataclass(m.config) and m.bench is not None
         assert m.bench(8192), f"{m.label} has no benchmark row"
+        assert m.contract is not None and m.contract(), f"{m.label} has no contract configurations"
+        assert all(type(c) is m.config for c in m.contract().values())
 
 
 def test_unknown_config_and_duplicates_are_refused(lm):
@@ -78,3 +80,25 @@ def test_a_method_registered_from_its_own_file_works_end_to_end(lm, monkeypatch)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, out, atol=1e-5, rtol=1e-5)
     assert "test_half" in {m.name for m in vzoo.registry.methods()}  # vzoo list shows it
+
+
+def test_an_attach_that_raises_leaves_the_model_untouched(lm, monkeypatch):
+    monkeypatch.setattr(lm_registry, "_LM", dict(lm_registry._LM))
+    monkeypatch.setattr(vzoo.registry, "_METHODS", dict(vzoo.registry._METHODS))
+
+    def attach(model, module, config):  # layer 0 gets a hook, layer 1 refuses
+        if module.layer_idx == 1:
+            raise ValueError("HalfScaleConfig does not fit layer 1")
+        return module.register_forward_pre_hook(lambda *a: None)
+
+    register_lm_method(LMMethod(
+        config=HalfScaleConfig, attn_implementation="vzoo_test_attach", label="attach", attention=None, paper="none",
+        arxiv="0000.00000", ops=(), status="test", attach=attach,
+    ))
+    model = lm.make(layers=2)
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match="does not fit layer 1"):
+        apply_sparse_attention(model, HalfScaleConfig())
+    attn = [m for m in model.modules() if hasattr(m, "num_key_value_groups")]
+    assert model.config._attn_implementation == before
+    assert not any(hasattr(m, "vzoo_config") or hasattr(m, "vzoo_density") or m._forward_pre_hooks for m in attn)

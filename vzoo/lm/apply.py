@@ -116,7 +116,7 @@ class SparseAttentionHandle(DensityReport):
 
     def __init__(self, model: nn.Module, original: str, modules: list[nn.Module], attached: list) -> None:
         self.model, self.original, self.modules, self.attached = model, original, modules, attached
-        self.stats = [m.vzoo_density for m in modules if hasattr(m, "vzoo_density")]
+        self.stats: list[DensityStats] = []  # one per patched layer
 
     def density_stats(self) -> list[DensityStats]:
         return self.stats
@@ -155,13 +155,18 @@ def apply_sparse_attention(model: nn.Module, config) -> SparseAttentionHandle:
     layers = set(config.layer_ids(max(m.layer_idx for m in modules) + 1))
     _check_features(method, config, model, modules, layers)
     original = model.config._attn_implementation
-    attached = []
-    if method.full_cache(config) and any(_model_window(m) is not None for m in modules):
-        attached += [keep_full_cache(m) for m in modules]
-    for m in modules:
-        if m.layer_idx in layers:
-            m.vzoo_config, m.vzoo_density = config, DensityStats()
-            if method.attach is not None and (item := method.attach(model, m, config)) is not None:
-                attached.append(item)
-    model.set_attn_implementation(method.attn_implementation)
-    return SparseAttentionHandle(model, original, modules, attached)
+    handle = SparseAttentionHandle(model, original, modules, [])
+    try:  # an attach that raises (a setting the model does not fit) leaves the model as it was
+        if method.full_cache(config) and any(_model_window(m) is not None for m in modules):
+            handle.attached += [keep_full_cache(m) for m in modules]
+        for m in modules:
+            if m.layer_idx in layers:
+                m.vzoo_config, m.vzoo_density = config, DensityStats()
+                handle.stats.append(m.vzoo_density)
+                if method.attach is not None and (item := method.attach(model, m, config)) is not None:
+                    handle.attached.append(item)
+        model.set_attn_implementation(method.attn_implementation)
+    except Exception:
+        handle.remove()
+        raise
+    return handle

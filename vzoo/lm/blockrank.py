@@ -274,4 +274,5 @@ register_lm_method(LMMethod(
     status="structured segment attention, permutation-invariant positions, attention scores, aux loss",
     attach=attach_scoring, mask="keys", window_error=lambda config, window: "its pattern has no sliding-window rule",
     bench=lambda tokens: {f"blockrank ({tokens // 128 - 2} docs x 128 tokens)": BlockRankConfig(block_length=128)},
+    contract=lambda: {"blockrank-one-segment": BlockRankConfig(block_length=64)},  # the query segment sees all
 ))

@@ -228,4 +228,5 @@ register_lm_method(LMMethod(
     status="training-free hierarchical top-k block pruning, from the paper (reference code unread: FSL licence)",
     full_cache=lambda config: True,
     bench=lambda tokens: {"hip (defaults)": HiPConfig()},
+    contract=lambda: {"hip": HiPConfig(block_q=4, block_k=4, topk=64, dense_fallback=False)},
 ))

@@ -14,7 +14,7 @@ from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 
 __all__ = [
-    "Attachment", "dense_attention", "key_validity", "key_validity_mask", "keep_full_cache", "record_density", "run_dense", "select_layers",
+    "Attachment", "dense_attention", "key_validity", "key_validity_mask", "keep_full_cache", "record_density", "run_dense", "select_layers", "selected_density",
     "swap_cache_layer",
 ]
 
@@ -98,6 +98,15 @@ def run_dense(module: nn.Module | None, enabled: bool, density: float, device: t
     dense = enabled and dense_is_faster(density, device, op)
     record_density(module, density, dense)
     return dense
+
+
+def selected_density(chosen: torch.Tensor, block: int, n: int) -> float:
+    """Share of the causal (query, key) token pairs of an ``n``-token prompt that the block selection
+    ``chosen [B, H, NB, NB]`` (bool, blocks of ``block`` tokens) computes (the model's window aside)."""
+    size = torch.full((chosen.shape[-1],), float(block), dtype=torch.float64, device=chosen.device)
+    size[-1] = n - block * (chosen.shape[-1] - 1)
+    pairs = (size[:, None] * size[None]).tril(-1) + torch.diag(size * (size + 1) / 2)
+    return float((chosen * pairs).sum() / (chosen.shape[0] * chosen.shape[1] * n * (n + 1) / 2))
 
 
 def swap_cache_layer(module: nn.Module, kwargs: dict, swap: Callable) -> None:

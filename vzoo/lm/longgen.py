@@ -202,4 +202,8 @@ register_lm_method(LMMethod(
     arxiv="2410.01485", ops=("block_sparse_attention", "sink_window_attention"),
     status="exact; KV eviction on sink+window layers", attach=attach_eviction, window_error=longgen_window_error,
     full_cache=lambda config: config.pattern == "local_stride", bench=_bench,
+    contract=lambda: {
+        "longgen-sink-window": LongGenConfig(sink=4, window=64, block_size=8, full_layers=()),
+        "longgen-local-stride": LongGenConfig(pattern="local_stride", sink=0, window=64, block_size=8, full_layers=()),
+    },
 ))

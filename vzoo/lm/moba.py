@@ -192,4 +192,6 @@ register_lm_method(LMMethod(
         "moba (512, top-3, sink)": MoBAConfig(block_size=512, topk=3, sink=True),
         "flashmoba-style (128, top-8, key conv 3)": MoBAConfig(block_size=128, topk=8, key_conv=3),
     },
+    contract=lambda: {"moba": MoBAConfig(block_size=8, topk=64, dense_fallback=False),
+                      "moba-sink": MoBAConfig(block_size=8, topk=64, dense_fallback=False, sink=True)},
 ))

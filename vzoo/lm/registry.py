@@ -45,6 +45,10 @@ class LMMethod:
             sliding-window layers must keep their whole KV cache.
         bench: ``(tokens) -> {row label: config}``: the configurations ``vzoo bench`` and the
             quality benchmark measure at a prompt of ``tokens`` tokens.
+        contract: ``() -> {name: config}``: configurations that select every key a query may see at
+            the tiny sizes of the tests (blocks of at most 8 tokens, prompts of at most 64); with
+            each, the method must reduce to the model's own attention on every model it accepts
+            (the shared contract test runs them on Llama, Qwen2, Mistral and Gemma models).
     """
 
     config: type
@@ -60,6 +64,7 @@ class LMMethod:
     window_error: Callable | None = None
     full_cache: Callable = field(default=_never)
     bench: Callable[[int], dict] | None = None
+    contract: Callable[[], dict] | None = None
 
     def __post_init__(self) -> None:
         if self.mask not in ("sdpa", "keys"):

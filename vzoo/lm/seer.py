@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, attention_block_max, block_sparse_attention
 
-from .layers import Attachment, dense_attention, key_validity, run_dense, select_layers
+from .layers import Attachment, dense_attention, key_validity, run_dense, select_layers, selected_density
 from .registry import LMMethod, register_lm_method
 
 __all__ = [
@@ -280,15 +280,6 @@ def seer_attention(
     )
 
 
-def selected_density(chosen: torch.Tensor, block: int, n: int) -> float:
-    """Share of the causal (query, key) token pairs of an ``n``-token prompt that the block selection
-    ``chosen [B, H, NB, NB]`` (bool, blocks of ``block`` tokens) computes (the model's window aside)."""
-    size = torch.full((chosen.shape[-1],), float(block), dtype=torch.float64, device=chosen.device)
-    size[-1] = n - block * (chosen.shape[-1] - 1)
-    pairs = (size[:, None] * size[None]).tril(-1) + torch.diag(size * (size + 1) / 2)
-    return float((chosen * pairs).sum() / (chosen.shape[0] * chosen.shape[1] * n * (n + 1) / 2))
-
-
 def _positions(position_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)[None] if position_ids is None else position_ids
 
@@ -391,4 +382,5 @@ register_lm_method(LMMethod(
     status="gates + self-distillation + threshold/top-k inference (golden outputs of the official gate)",
     attach=attach_gate,
     bench=lambda tokens: {"seerattention (top-32 of 64-token blocks)": SeerAttentionConfig(block_size=64, topk=32)},
+    contract=lambda: {"seer": SeerAttentionConfig(block_size=8, threshold=0.0, dense_fallback=False)},
 ))
