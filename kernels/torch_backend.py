@@ -2,7 +2,10 @@
 
 The CPU default. Query blocks are processed in cache-sized chunks: the chunk's selected key/value
 blocks are gathered into a reusable buffer, then scores, softmax and the value product run as
-batched matmuls on that buffer, so nothing of size ``Sq x Skv`` is ever formed. The ``G`` query
+batched matmuls on that buffer, so nothing of size ``Sq x Skv`` is ever formed. Units (query blocks
+of one head) are visited longest row first and each chunk is padded only to its own longest row, so
+layouts whose rows differ in length (causal rows, mass thresholds, per-head budgets) do not pay for
+the longest row everywhere. The ``G`` query
 heads of a GQA group that share a row list are stacked into one matmul (as in NSA / fla). Math is
 fp32. Backward recomputes the probabilities chunk by chunk (FlashAttention-2 style, arXiv
 2307.08691) and scatters dK/dV with ``index_add_``, which is deterministic on CPU.
@@ -43,7 +46,7 @@ class _Plan:
     key_pos: torch.Tensor | None  # int64 [U, 1, K, block_n]: key positions, when masking tokens
     row_pos: torch.Tensor | None  # int64 [U, R, 1, 1]: query positions (bottom-right aligned)
     dead: torch.Tensor | None  # bool [U, R]: rows that see no key
-    chunk: int
+    chunks: list[tuple[torch.Tensor, int]]  # (unit ids, slots used by the longest of them), longest first
     scale: float
     causal: bool
     window: int  # 0: none
@@ -55,6 +58,11 @@ class _Plan:
     @property
     def units(self) -> int:
         return self.flat_blocks.numel() // max(self.layout.max_blocks, 1)
+
+    @property
+    def widest(self) -> int:
+        """Units of the largest chunk times its slots (the buffer size in blocks)."""
+        return max(len(u) * k for u, k in self.chunks)
 
 
 def _plan(
@@ -104,7 +112,7 @@ def _plan(
         visible = visible & seen
     dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
-    chunk = max(1, _CHUNK_ELEMS // max(1, rows * maxk * bn))
+    chunks = _unit_chunks(layout.kv_num_blocks.reshape(-1), maxk, rows * bn)
     key_ok = None
     if key_mask is not None:  # gathered like the key blocks: [B * Hkv * NKB, block_n] -> [U, 1, K, block_n]
         table = F.pad(key_mask, (0, nkb * bn - skv)).view(b, 1, nkb, bn).expand(b, hkv, nkb, bn).reshape(-1, bn)
@@ -113,9 +121,26 @@ def _plan(
     if bad_rows is not None:
         bad = F.pad(bad_rows, (0, nkb * bn - skv)).view(-1, bn).index_select(0, flat_blocks).view(-1, 1, maxk, bn)
     return _Plan(
-        layout, group, flat_blocks, slot_on, key_pos, row_pos, dead, chunk, scale, causal, window, sink, key_ok,
+        layout, group, flat_blocks, slot_on, key_pos, row_pos, dead, chunks, scale, causal, window, sink, key_ok,
         bad_rows, bad,
     )
+
+
+def _unit_chunks(counts: torch.Tensor, maxk: int, elems_per_slot: int) -> list[tuple[torch.Tensor, int]]:
+    """Split the units (``counts [U]``: used slots per unit) into chunks of about ``_CHUNK_ELEMS`` score
+    elements, longest rows first; each chunk keeps the slots its longest unit uses (at least 1). One
+    host sync (the sorted counts)."""
+    if maxk == 0 or counts.numel() == 0:
+        return [(torch.arange(counts.numel(), device=counts.device), max(maxk, 1))]
+    ordered, order = torch.sort(counts, descending=True, stable=True)
+    widths = ordered.clamp_min(1).tolist()
+    chunks, start = [], 0
+    while start < len(widths):
+        width = widths[start]
+        stop = min(len(widths), start + max(1, _CHUNK_ELEMS // (elems_per_slot * width)))
+        chunks.append((order[start:stop], width))
+        start = stop
+    return chunks
 
 
 def _to_units(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -152,37 +177,57 @@ def _kv_blocks(x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     return x.contiguous().view(-1, bn, x.shape[-1])
 
 
-def _probs(
-    plan: _Plan, s: slice, qc: torch.Tensor, kg: torch.Tensor, out: torch.Tensor, want_lse: bool = False
-) -> torch.Tensor | None:
-    """Write softmax probabilities ``[n, R, L]`` of the units in ``s`` into ``out``; optionally
-    return their log-sum-exp ``[n, R]``."""
+@dataclass
+class _Chunk:
+    """One chunk of units: their ids, the slots used, the gathered flat block ids and masks."""
+
+    units: torch.Tensor  # int64 [n]
+    width: int  # slots K' (the longest row of the chunk)
+    blocks: torch.Tensor  # int64 [n * K']
+    slot_on: torch.Tensor | None  # [n|1, R, K']
+    key_pos: torch.Tensor | None  # [n, 1, K', block_n]
+    row_pos: torch.Tensor | None  # [n, R, 1, 1]
+    key_ok: torch.Tensor | None  # [n, 1, K', block_n]
+    bad: torch.Tensor | None  # [n, 1, K', block_n]
+    dead: torch.Tensor | None  # [n, R]
+
+
+def _take(x: torch.Tensor | None, units: torch.Tensor, width: int, slot_dim: int | None = 2) -> torch.Tensor | None:
+    """Rows ``units`` of a per-unit plan tensor (broadcast ones kept), its first ``width`` slots."""
+    if x is None:
+        return None
+    x = x if x.shape[0] == 1 else x.index_select(0, units)
+    return x if slot_dim is None else x.narrow(slot_dim, 0, width)
+
+
+def _probs(plan: _Plan, c: _Chunk, qc: torch.Tensor, kg: torch.Tensor, out: torch.Tensor, want_lse: bool = False
+           ) -> torch.Tensor | None:
+    """Write softmax probabilities ``[n, R, L]`` of the chunk ``c`` into ``out``; optionally return
+    their log-sum-exp ``[n, R]``."""
     torch.baddbmm(out, qc, kg.transpose(1, 2), beta=0.0, alpha=plan.scale, out=out)
     n, rows, keys = out.shape
-    maxk = plan.layout.max_blocks
-    blocked = out.view(n, rows, maxk, keys // maxk)
-    if plan.bad is not None:  # a visible key holding NaN / Inf makes its row NaN; the masks below hide the rest
-        blocked.masked_fill_(plan.bad[s], float("nan"))
-    if plan.slot_on is not None:
-        slot_on = plan.slot_on[s] if plan.slot_on.shape[0] > 1 else plan.slot_on
-        blocked.masked_fill_(~slot_on[..., None], float("-inf"))
+    blocked = out.view(n, rows, c.width, keys // c.width)
+    if c.bad is not None:  # a visible key holding NaN / Inf makes its row NaN; the masks below hide the rest
+        blocked.masked_fill_(c.bad, float("nan"))
+    if c.slot_on is not None:
+        blocked.masked_fill_(~c.slot_on[..., None], float("-inf"))
     hidden = None
-    if plan.key_pos is not None:
-        kp = plan.key_pos[s]
+    if c.key_pos is not None:
+        kp = c.key_pos
         hidden = kp >= plan.layout.kv_len
         if plan.causal:
-            hidden = hidden | (kp > plan.row_pos[s])
+            hidden = hidden | (kp > c.row_pos)
         if plan.window > 0:
-            hidden = hidden | ((kp <= plan.row_pos[s] - plan.window) & (kp >= plan.sink))
-    if plan.key_ok is not None:
-        hidden = ~plan.key_ok[s] if hidden is None else hidden | ~plan.key_ok[s]
+            hidden = hidden | ((kp <= c.row_pos - plan.window) & (kp >= plan.sink))
+    if c.key_ok is not None:
+        hidden = ~c.key_ok if hidden is None else hidden | ~c.key_ok
     if hidden is not None:
         blocked.masked_fill_(hidden, float("-inf"))
-    peak = out.amax(-1) if want_lse or plan.key_ok is not None else None
-    empty = torch.isneginf(peak) if plan.key_ok is not None else None  # masked keys can empty a row
+    peak = out.amax(-1) if want_lse or c.key_ok is not None else None
+    empty = torch.isneginf(peak) if c.key_ok is not None else None  # masked keys can empty a row
     torch.ops.aten._softmax.out(out, -1, False, out=out)
-    if plan.dead is not None:
-        out.masked_fill_(plan.dead[s, :, None], 0.0)
+    if c.dead is not None:
+        out.masked_fill_(c.dead[:, :, None], 0.0)
     if empty is not None:
         out.masked_fill_(empty[..., None], 0.0)
     # max(p) = exp(max(score) - lse): the log-sum-exp without another pass over exp(scores).
@@ -192,20 +237,24 @@ def _probs(
     return lse if empty is None else lse.masked_fill(empty, float("-inf"))
 
 
-def _chunks(plan: _Plan, kb: torch.Tensor, vb: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Walk the units in cache-sized chunks: ``(units slice, flat block ids, K [n, L, D], V [n, L, D])``,
-    the selected key/value blocks gathered into buffers reused from chunk to chunk."""
+def _chunks(plan: _Plan, kb: torch.Tensor, vb: torch.Tensor) -> Iterator[tuple[_Chunk, torch.Tensor, torch.Tensor]]:
+    """Walk the units chunk by chunk: ``(chunk, K [n, L, D], V [n, L, D])``, the selected key/value
+    blocks gathered into buffers reused from chunk to chunk (``L = K' * block_n``)."""
     maxk, bn, d = plan.layout.max_blocks, plan.layout.block_n, kb.shape[-1]
-    units = plan.units
-    n = min(plan.chunk, units)
-    kg, vg = kb.new_empty(n * maxk, bn, d), vb.new_empty(n * maxk, bn, d)
-    for start in range(0, units, n):
-        s = slice(start, min(start + n, units))
-        m = s.stop - s.start
-        fi = plan.flat_blocks[s.start * maxk : s.stop * maxk]
-        torch.index_select(kb, 0, fi, out=kg[: m * maxk])
-        torch.index_select(vb, 0, fi, out=vg[: m * maxk])
-        yield s, fi, kg[: m * maxk].view(m, maxk * bn, d), vg[: m * maxk].view(m, maxk * bn, d)
+    kbuf, vbuf = kb.new_empty(plan.widest, bn, d), vb.new_empty(plan.widest, bn, d)
+    table = plan.flat_blocks.view(-1, maxk)
+    for units, width in plan.chunks:
+        n = len(units)
+        blocks = table.index_select(0, units)[:, :width].reshape(-1)
+        kg, vg = kbuf[: n * width], vbuf[: n * width]
+        torch.index_select(kb, 0, blocks, out=kg)
+        torch.index_select(vb, 0, blocks, out=vg)
+        c = _Chunk(
+            units, width, blocks, _take(plan.slot_on, units, width), _take(plan.key_pos, units, width),
+            _take(plan.row_pos, units, width, None), _take(plan.key_ok, units, width), _take(plan.bad, units, width),
+            _take(plan.dead, units, width, None),
+        )
+        yield c, kg.view(n, width * bn, d), vg.view(n, width * bn, d)
 
 
 class _BlockSparse(torch.autograd.Function):
@@ -217,13 +266,14 @@ class _BlockSparse(torch.autograd.Function):
         units, rows, _ = qu.shape
         out = torch.empty_like(qu)
         lse = qu.new_empty(units, rows) if need_lse else None
-        p = qu.new_empty(min(plan.chunk, units), rows, lay.max_blocks * lay.block_n)
-        for s, _, kc, vc in _chunks(plan, kb, vb):
-            pc = p[: s.stop - s.start]
-            part = _probs(plan, s, qu[s], kc, pc, want_lse=need_lse)
-            torch.bmm(pc, vc, out=out[s])
+        p = qu.new_empty(plan.widest * rows * lay.block_n)
+        for c, kc, vc in _chunks(plan, kb, vb):
+            n = len(c.units)
+            pc = p[: n * rows * kc.shape[1]].view(n, rows, kc.shape[1])
+            part = _probs(plan, c, qu.index_select(0, c.units), kc, pc, want_lse=need_lse)
+            out.index_copy_(0, c.units, torch.bmm(pc, vc))
             if need_lse:
-                lse[s] = part
+                lse.index_copy_(0, c.units, part)
         if need_lse and plan.dead is not None:
             lse.masked_fill_(plan.dead, float("-inf"))
         ctx.plan = plan
@@ -240,27 +290,24 @@ class _BlockSparse(torch.autograd.Function):
         qu = _to_units(q, plan)
         do = _to_units(dout, plan)
         kb, vb = _kv_blocks(k, plan), _kv_blocks(v, plan)
-        units, rows, d = qu.shape
-        keys = lay.max_blocks * lay.block_n
+        rows, d = qu.shape[1:]
         delta = (do * out).sum(-1)  # [U, R]
         if dlse is not None:
             delta = delta - _to_units(dlse.float()[..., None], plan)[..., 0]
         dq = torch.empty_like(qu)
         dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
-        n = min(plan.chunk, units)
-        p, dp = qu.new_empty(n, rows, keys), qu.new_empty(n, rows, keys)
-        dkg, dvg = qu.new_empty(n, keys, d), qu.new_empty(n, keys, d)
-        for s, fi, kc, vc in _chunks(plan, kb, vb):
-            m = s.stop - s.start
-            pc, dpc = p[:m], dp[:m]
-            _probs(plan, s, qu[s], kc, pc)
-            torch.bmm(do[s], vc.transpose(1, 2), out=dpc)
-            dpc.sub_(delta[s, :, None]).mul_(pc)  # dS = P * (dP - delta)
-            torch.bmm(dpc, kc, out=dq[s]).mul_(plan.scale)
-            torch.bmm(dpc.transpose(1, 2), qu[s], out=dkg[:m]).mul_(plan.scale)
-            torch.bmm(pc.transpose(1, 2), do[s], out=dvg[:m])
-            dkb.index_add_(0, fi, dkg[:m].view(-1, lay.block_n, d))
-            dvb.index_add_(0, fi, dvg[:m].view(-1, lay.block_n, d))
+        size = plan.widest * rows * lay.block_n
+        p, dp = qu.new_empty(size), qu.new_empty(size)
+        for c, kc, vc in _chunks(plan, kb, vb):
+            n, keys = len(c.units), kc.shape[1]
+            pc, dpc = p[: n * rows * keys].view(n, rows, keys), dp[: n * rows * keys].view(n, rows, keys)
+            qc, doc = qu.index_select(0, c.units), do.index_select(0, c.units)
+            _probs(plan, c, qc, kc, pc)
+            torch.bmm(doc, vc.transpose(1, 2), out=dpc)
+            dpc.sub_(delta.index_select(0, c.units)[:, :, None]).mul_(pc)  # dS = P * (dP - delta)
+            dq.index_copy_(0, c.units, torch.bmm(dpc, kc).mul_(plan.scale))
+            dkb.index_add_(0, c.blocks, torch.bmm(dpc.transpose(1, 2), qc).mul_(plan.scale).view(-1, lay.block_n, d))
+            dvb.index_add_(0, c.blocks, torch.bmm(pc.transpose(1, 2), doc).view(-1, lay.block_n, d))
         skv = k.shape[2]
         dk = dkb.view(k.shape[0], k.shape[1], -1, d)[:, :, :skv].to(k.dtype)
         dv = dvb.view(v.shape[0], v.shape[1], -1, d)[:, :, :skv].to(v.dtype)

@@ -150,6 +150,12 @@ def _train(args: argparse.Namespace) -> int:
         train_gates_from_files(args.model, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
                                block_size=args.block_size, lr=args.lr)
         return 0
+    if args.task == "lm-boundaries":
+        from vzoo.lm.train_boundaries import train_boundaries_from_files
+
+        print(train_boundaries_from_files(args.model, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
+                                          lr=args.lr, batch_size=args.batch_size))
+        return 0
     from vzoo.tasks.trainer import TrainSettings, train
 
     settings = TrainSettings(
@@ -245,7 +251,7 @@ _POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 def _add_train_parsers(sub) -> None:
     """``vzoo train TASK``: one sub-command per task, each listing only its own options."""
     tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID, detection or grounding data, or train "
-                        "SeerAttention gates of a saved causal LM (lm-gates)")
+                        "SeerAttention gates (lm-gates) or DHSA boundary predictors (lm-boundaries) of a saved causal LM")
     tasks = tr.add_subparsers(dest="task", required=True, metavar="TASK")
     common = argparse.ArgumentParser(add_help=False)  # the options every vision task shares
     common.add_argument("--model", required=True, help="timm model name (vzoo's included)")
@@ -271,14 +277,18 @@ def _add_train_parsers(sub) -> None:
     gr = tasks.add_parser("ground", parents=[common], help="answer grounding: the image region that answers a question")
     gr.add_argument("--image-size", type=_POSITIVE, nargs=2, metavar=("H", "W"), default=[256, 256])
     gr.add_argument("--text-encoder", default="minilm", choices=["minilm", "hash"], help="question encoder")
-    gates = tasks.add_parser("lm-gates", help="train the SeerAttention gates of a saved causal LM")
-    gates.add_argument("--model", required=True, metavar="DIR", help="saved transformers model folder")
-    gates.add_argument("--data", required=True, metavar="FILE", help="plain-text training file")
+    lm = argparse.ArgumentParser(add_help=False)  # the options the language-model tasks share
+    lm.add_argument("--model", required=True, metavar="DIR", help="saved transformers model folder")
+    lm.add_argument("--data", required=True, metavar="FILE", help="plain-text training file")
+    lm.add_argument("--lr", type=float, default=1e-3)
+    lm.add_argument("--steps", type=_POSITIVE, default=100, help="optimisation steps")
+    lm.add_argument("--seq-len", type=_POSITIVE, default=1024, help="tokens per training sequence")
+    gates = tasks.add_parser("lm-gates", parents=[lm], help="train the SeerAttention gates of a saved causal LM")
     gates.add_argument("--out", metavar="FILE", help="gate file (default MODEL/seer_gates.safetensors)")
-    gates.add_argument("--lr", type=float, default=1e-3)
-    gates.add_argument("--steps", type=_POSITIVE, default=100, help="optimisation steps")
-    gates.add_argument("--seq-len", type=_POSITIVE, default=1024, help="tokens per training sequence")
     gates.add_argument("--block-size", type=_POSITIVE, default=64, help="gate block size")
+    bounds = tasks.add_parser("lm-boundaries", parents=[lm], help="train the DHSA chunk-boundary predictors of a saved causal LM")
+    bounds.add_argument("--out", metavar="FILE", help="predictor file (default MODEL/dhsa_boundaries.safetensors)")
+    bounds.add_argument("--batch-size", type=_POSITIVE, default=1, help="sequences per step")
     tr.set_defaults(func=_train)
 
 

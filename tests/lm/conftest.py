@@ -45,10 +45,24 @@ def assert_equals_eager(model: torch.nn.Module, config) -> None:
     assert torch.equal(gen, ref_gen)
 
 
+def tiny_checkpoint(folder) -> list[str]:
+    """Save :func:`make_lm` and a word-level tokenizer over ``w0 .. w89`` to ``folder``; returns the words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]"] + [f"w{i}" for i in range(90)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    make_lm().save_pretrained(folder)
+    return words
+
+
 class LM:
     make = staticmethod(make_lm)
     cache_of = staticmethod(cache_of)
     assert_equals_eager = staticmethod(assert_equals_eager)
+    checkpoint = staticmethod(tiny_checkpoint)
 
 
 @pytest.fixture

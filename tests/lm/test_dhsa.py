@@ -292,3 +292,23 @@ def test_predictor_trains_saves_loads_and_refuses_bad_files(lm, tmp_path):
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"DHSAConfig.{field}="):
         DHSAConfig(**kwargs)
+
+
+def test_lm_boundaries_command_trains_saves_and_the_model_uses_the_file(lm, tmp_path, capsys):
+    from vzoo.cli import main
+
+    words = lm.checkpoint(tmp_path / "model")
+    text = tmp_path / "corpus.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(words[1 + int(i)] for i in torch.randint(0, 90, (400,), generator=g)))
+    out = tmp_path / "bounds.safetensors"
+    assert main(["train", "lm-boundaries", "--model", str(tmp_path / "model"), "--data", str(text), "--out", str(out),
+                 "--steps", "2", "--seq-len", "64"]) == 0
+    assert capsys.readouterr().out.strip().endswith("bounds.safetensors") and out.is_file()
+    model = lm.make()
+    ids = torch.randint(0, 97, (1, 64), generator=g)
+    with torch.no_grad(), apply_sparse_attention(model, DHSAConfig(boundaries="predictor", predictor=str(out))) as handle:
+        model(ids)
+        assert handle.sparse_calls > 0
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        main(["train", "lm-boundaries", "--model", str(tmp_path), "--data", str(text)])

@@ -139,7 +139,7 @@ def test_select_blocks_matches_loops():
     "cfg",
     [
         ProxyAttnConfig(block_size=8, window=3, gamma=0.6, local_blocks=1),
-        ProxyAttnConfig(block_size=8, window=8, groups=1, aggregate="max", gamma=0.8, budget_window=2),
+        ProxyAttnConfig(block_size=8, window=8, groups=1, aggregate="max", gamma=0.8, budget_window=2, local_blocks=2),
         ProxyAttnConfig(block_size=8, window=2, groups=4, gamma=0.5, sink_blocks=0, local_blocks=1),
     ],
 )

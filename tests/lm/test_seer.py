@@ -224,20 +224,8 @@ def test_gate_files_round_trip_and_removal(lm, tmp_path):
             SeerAttentionConfig(**kwargs)
 
 
-def _tiny_checkpoint(lm, folder):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["[UNK]"] + [f"w{i}" for i in range(90)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    lm.make().save_pretrained(folder)
-    return words
-
-
 def test_lm_gates_command_trains_and_saves(lm, tmp_path, capsys):
-    words = _tiny_checkpoint(lm, tmp_path / "model")
+    words = lm.checkpoint(tmp_path / "model")
     text = tmp_path / "corpus.txt"
     g = torch.Generator().manual_seed(0)
     text.write_text(" ".join(words[1 + int(i)] for i in torch.randint(0, 90, (300,), generator=g)))

@@ -316,4 +316,5 @@ register_lm_method(LMMethod(
     attach=attach_longheads,
     window_error=lambda config, window: "it selects chunks from the whole context",
     bench=lambda tokens: {"longheads (256 x 16)": LongHeadsConfig()},
+    contract=lambda: {"longheads": LongHeadsConfig(chunk_size=8, atten_length=64)},  # every chunk selected
 ))

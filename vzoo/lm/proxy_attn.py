@@ -41,11 +41,13 @@ _MAX_CHUNK_BLOCKS = 16
 
 @dataclass(frozen=True)
 class ProxyAttnConfig:
-    """ProxyAttn settings. Defaults aim at SmolLM2-135M at 8k tokens (128 blocks of 64): the estimation
-    scores ``window / block_size`` of the queries once per group plus ``budget_window / block_size`` once
-    per head (about 3 % of dense attention's FLOPs with 9 query / 3 kv heads; measured ~0.3 s against
-    2.7 s for causal SDPA at 8k on one CPU thread), and the budgets follow each head's measured mass,
-    so concentrated heads stay near their sink + local blocks (3 of 128 blocks).
+    """ProxyAttn settings. The estimation scores ``window / block_size`` of the queries once per group plus
+    ``budget_window / block_size`` once per head (about 3% of dense attention's FLOPs with 9 query / 3
+    kv heads; ~0.3 s against 2.7 s for causal SDPA at 8k on one CPU thread), and the budgets follow each
+    head's measured mass, so concentrated heads stay near their sink and local blocks. Measured on
+    SmolLM2-135M-Instruct, 8k tokens of ``pydoc_data.topics``, perplexity on the last half (dense
+    9.73), fp32 CPU, no dense fallback: ``gamma=0.9, local_blocks=2`` gives +35% at causal density
+    0.14, ``gamma=0.97`` +23% at 0.24, ``gamma=0.98, local_blocks=8`` (the defaults) +18% at 0.29.
 
     Args:
         block_size: query and key block size in tokens (64: the kernels' tile, fine enough to track
@@ -75,10 +77,10 @@ class ProxyAttnConfig:
     window: int = 8
     groups: int | None = None
     aggregate: str = "sum"
-    gamma: float = 0.9
+    gamma: float = 0.98
     budget_window: int = 1
     sink_blocks: int = 1
-    local_blocks: int = 2
+    local_blocks: int = 8
     layers: tuple[int, ...] | None = None
     dense_fallback: bool = True
 
