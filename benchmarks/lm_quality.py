@@ -25,9 +25,10 @@ import torch
 from tqdm import tqdm
 
 from vzoo.atomic import write_atomic
+from vzoo.bench_lm import model_density
 from vzoo.lm import apply_sparse_attention, load_gates
 from vzoo.lm_quality import (
-    MethodRow, QualityRow, format_table, greedy_answer, load_smollm2, method_rows, model_density, paired_prefill,
+    MethodRow, QualityRow, format_table, greedy_answer, load_smollm2, method_rows, paired_prefill,
     passkey_correct, passkey_probes, perplexity, plot_rows, prefill_seconds, text_tokens,
 )
 
@@ -59,7 +60,7 @@ def _measure(model, tokenizer, row: MethodRow, ids, prompts, dense: QualityRow, 
         ppl = perplexity(model, ids)
         bar.update()
         layers = model.config.num_hidden_layers
-        density = model_density(handle.density, len(row.config.layer_ids(layers)), layers)
+        density = model_density(handle, layers)
         passkey = _passkey(model, tokenizer, prompts, a.new_tokens, bar)
     dense_s, sparse_s = paired_prefill(model, ids, lambda: _apply(model, row), a.repeats, bar.update)
     return QualityRow(row.label, tokens, ppl, ppl / dense.ppl, passkey, density, sparse_s, dense_s / sparse_s)

@@ -26,6 +26,9 @@ BREAK_EVEN: dict[tuple[str, str], float] = {
     ("cpu", "vmoba"): 0.35,  # measured
     ("cpu", "moba"): 0.55,  # measured (vzoo.lm, causal, blocks of 512: crosses dense at 0.59 at 8k and 16k)
     ("cpu", "seerattention"): 0.45,  # measured, noisy (vzoo.lm, causal, blocks of 64: 0.49 at 8k, ~0.45 at 16k)
+    # measured on SmolLM2-135M at 8k (vzoo.lm DHSA, chunk-aligned per-head layouts): about 0.25; at density 0.45
+    # the whole prefill ran at 0.52x dense
+    ("cpu", "dhsa"): 0.25,
     ("cuda", "psa"): 0.5,  # unmeasured, conservative
     ("cuda", "vmoba"): 0.5,  # unmeasured, conservative
 }

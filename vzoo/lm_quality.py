@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "GGUF_NAME", "MethodRow", "PasskeyPrompt", "QualityRow", "cache_folder", "extract_gguf", "format_table",
-    "greedy_answer", "iter_logits", "load_smollm2", "method_rows", "model_density", "paired_prefill", "passkey_correct",
+    "greedy_answer", "iter_logits", "load_smollm2", "method_rows", "paired_prefill", "passkey_correct",
     "passkey_prompt", "passkey_probes", "perplexity", "plot_rows", "prefill_seconds", "reference_text", "text_tokens",
 ]
 
@@ -293,13 +293,6 @@ def method_rows(tokens: int, only: list[str] | None = None, trained_gates: Path 
             if trained_gates is not None and method.attn_implementation == "vzoo_seer":
                 rows.append(MethodRow(f"{label} + trained gates", config, Path(trained_gates)))
     return rows
-
-
-def model_density(density: float | None, patched: int, layers: int) -> float | None:
-    """Selected density over all ``layers``: the patched layers' mean ``density``, the others 1.0."""
-    if density is None:
-        return None
-    return (patched * density + layers - patched) / layers
 
 
 # ------------------------------------------------------------------------------------------- results

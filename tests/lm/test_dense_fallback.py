@@ -9,7 +9,6 @@ import torch
 from vzoo.kernels.break_even import BREAK_EVEN
 from vzoo.lm import MoBAConfig, SeerAttentionConfig, apply_sparse_attention
 from vzoo.lm.moba import moba_routing, routed_density
-from vzoo.lm.layers import selected_density
 
 
 @pytest.fixture(autouse=True)
@@ -34,14 +33,6 @@ def test_moba_density_counts_the_selected_pairs(window):
                         total += 1
                         hits += j // 4 in ids[b, h, i].tolist()
     assert abs(routed_density(ids, 50, 4, window) - hits / total) < 1e-12
-
-
-def test_seer_density_counts_the_selected_pairs():
-    chosen = torch.rand(1, 2, 5, 5, generator=torch.Generator().manual_seed(0)) > 0.5
-    chosen &= torch.ones(5, 5, dtype=torch.bool).tril()
-    n, block = 37, 8
-    hits = sum(bool(chosen[0, h, i // block, j // block]) for h in range(2) for i in range(n) for j in range(i + 1))
-    assert abs(selected_density(chosen, block, n) - hits / (2 * n * (n + 1) / 2)) < 1e-12
 
 
 @pytest.mark.parametrize("method", ["moba", "seer"])

@@ -14,7 +14,7 @@ import torch
 from vzoo.lm import MoBAConfig, lm_methods
 from vzoo.lm_quality import (
     GGUF_NAME, QualityRow, cache_folder, extract_gguf, format_table, greedy_answer, iter_logits, method_rows,
-    model_density, paired_prefill, passkey_correct, passkey_probes, passkey_prompt, perplexity, plot_rows,
+    paired_prefill, passkey_correct, passkey_probes, passkey_prompt, perplexity, plot_rows,
 )
 
 
@@ -117,12 +117,6 @@ def test_method_rows_cover_every_method_deduplicated_and_filtered(tmp_path):
     assert {type(r.config) for r in moba[1:]} == {MoBAConfig} and MoBAConfig() in [r.config for r in moba]
     gated = method_rows(4096, ["seer"], trained_gates=tmp_path / "g.safetensors")
     assert [r.gates is not None for r in gated[1:]] == [False, True] * ((len(gated) - 1) // 2)
-
-
-def test_model_density_counts_unpatched_layers_as_dense():
-    assert model_density(0.2, 30, 30) == pytest.approx(0.2)
-    assert model_density(0.2, 10, 30) == pytest.approx((10 * 0.2 + 20) / 30)
-    assert model_density(None, 10, 30) is None
 
 
 def test_table_formatting():

@@ -19,12 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vzoo.kernels import BlockSparseLayout, block_sparse_attention
-
-from .layers import dense_attention, key_validity, run_dense, select_layers
+from .layers import attend_blocks, key_validity, select_layers
 from .registry import LMMethod, register_lm_method
 
-__all__ = ["HiPConfig", "hip_attention", "hip_density", "hip_select"]
+__all__ = ["HiPConfig", "hip_attention", "hip_select"]
 
 QUERY_SCORES = ("max", "mean")
 
@@ -184,18 +182,6 @@ def hip_select(
     return chosen[..., :nkb] | fixed
 
 
-def hip_density(chosen: torch.Tensor, block_q: int, block_k: int, sq: int, skv: int) -> float:
-    """Share of the causal (query, key) pairs of the last ``sq`` of ``skv`` positions that the selection
-    ``chosen [B, H, NQB, NKB]`` computes (padding and the model's window aside)."""
-    nqb, nkb = chosen.shape[-2:]
-    pos = torch.arange(skv - sq, skv, device=chosen.device, dtype=torch.float64)
-    start = torch.arange(nkb, device=chosen.device, dtype=torch.float64) * block_k
-    size = (skv - start).clamp_max(block_k)
-    seen = torch.minimum((pos[:, None] + 1 - start).clamp_min(0), size)  # [Sq, NKB]: keys of each block seen
-    pairs = F.pad(seen, (0, 0, 0, nqb * block_q - sq)).view(nqb, block_q, nkb).sum(1)
-    return float((chosen * pairs).sum() / (chosen.shape[0] * chosen.shape[1] * pairs.sum()))
-
-
 def hip_attention(
     config: HiPConfig, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, scale: float, module=None, sliding_window: int | None = None, **_,
@@ -204,18 +190,10 @@ def hip_attention(
     ``attention_mask`` is transformers' (``None``: causal only, else bool / additive ``[B, 1, q, kv]``),
     whose padded keys are never attended. Returns ``[B, H, q, D]``. On a model's sliding-window layer
     each query also keeps only the last ``sliding_window`` keys."""
-    sq, skv = query.shape[2], key.shape[2]
-    keys = None if attention_mask is None else key_validity(attention_mask, sliding_window is not None)[:, :skv]
+    keys = None if attention_mask is None else key_validity(attention_mask, sliding_window is not None)[:, : key.shape[2]]
     chosen = hip_select(query, key, config, keys)
-    # the density (one host sync) only serves the fallback decision and the handle's statistics
-    if config.dense_fallback or getattr(module, "vzoo_density", None) is not None:
-        density = hip_density(chosen, config.block_q, config.block_k, sq, skv)
-        if run_dense(module, config.dense_fallback, density, query.device, "hip"):
-            return dense_attention(query, key, value, attention_mask, scale, sliding_window)
-    layout = BlockSparseLayout.from_block_mask(chosen, config.block_q, config.block_k, sq, skv)
-    return block_sparse_attention(
-        query, key, value, layout, causal=True, scale=scale, key_mask=keys, window=sliding_window
-    )
+    return attend_blocks(chosen, config.block_q, config.block_k, "hip", config.dense_fallback, query, key, value,
+                         attention_mask, scale, module, keys, sliding_window)
 
 
 register_lm_method(LMMethod(

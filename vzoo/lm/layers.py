@@ -9,12 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vzoo.kernels import dense_is_faster
+from vzoo.kernels import BlockSparseLayout, block_sparse_attention, dense_is_faster
 from vzoo.kernels.reference import visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 
 __all__ = [
-    "Attachment", "dense_attention", "key_validity", "key_validity_mask", "keep_full_cache", "record_density", "run_dense", "select_layers", "selected_density",
+    "Attachment", "attend_blocks", "dense_attention", "key_validity", "key_validity_mask", "keep_full_cache", "record_density", "run_dense", "select_layers",
     "swap_cache_layer",
 ]
 
@@ -100,13 +100,21 @@ def run_dense(module: nn.Module | None, enabled: bool, density: float, device: t
     return dense
 
 
-def selected_density(chosen: torch.Tensor, block: int, n: int) -> float:
-    """Share of the causal (query, key) token pairs of an ``n``-token prompt that the block selection
-    ``chosen [B, H, NB, NB]`` (bool, blocks of ``block`` tokens) computes (the model's window aside)."""
-    size = torch.full((chosen.shape[-1],), float(block), dtype=torch.float64, device=chosen.device)
-    size[-1] = n - block * (chosen.shape[-1] - 1)
-    pairs = (size[:, None] * size[None]).tril(-1) + torch.diag(size * (size + 1) / 2)
-    return float((chosen * pairs).sum() / (chosen.shape[0] * chosen.shape[1] * n * (n + 1) / 2))
+def attend_blocks(
+    chosen: torch.Tensor, block_q: int, block_k: int, op: str, fallback: bool, query: torch.Tensor, key: torch.Tensor,
+    value: torch.Tensor, attention_mask: torch.Tensor | None, scale: float, module: nn.Module | None,
+    keys: torch.Tensor | None, sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal attention of ``query [B, H, q, D]`` (the last ``q`` of the ``kv`` positions of ``key, value
+    [B, Hkv, kv, D]``) over the selected blocks ``chosen [B, H|Hkv|1, NQB, NKB]`` (bool; blocks of
+    ``block_q`` queries and ``block_k`` keys), the unpadded ``keys [B, kv]`` and the model's
+    ``sliding_window`` only; or the model's dense attention when ``fallback`` and the selection's
+    causal density is above the break-even of ``op`` (:func:`run_dense`, which records the call).
+    Returns ``[B, H, q, D]``."""
+    layout = BlockSparseLayout.from_block_mask(chosen, block_q, block_k, query.shape[2], key.shape[2])
+    if run_dense(module, fallback, layout.density(causal=True), query.device, op):
+        return dense_attention(query, key, value, attention_mask, scale, sliding_window)
+    return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, key_mask=keys, window=sliding_window)
 
 
 def swap_cache_layer(module: nn.Module, kwargs: dict, swap: Callable) -> None:

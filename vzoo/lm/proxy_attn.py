@@ -27,9 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vzoo.kernels import BlockSparseLayout, block_sparse_attention
-
-from .layers import dense_attention, key_validity, run_dense, select_layers, selected_density
+from .layers import attend_blocks, dense_attention, key_validity, select_layers
 from .registry import LMMethod, register_lm_method
 
 __all__ = ["ProxyAttnConfig", "block_scores", "proxy_attention", "proxy_selection", "select_blocks", "window_rows"]
@@ -260,13 +258,8 @@ def proxy_attention(
     keys = None if attention_mask is None else key_validity(attention_mask, sliding_window is not None)[:, :skv]
     with torch.no_grad():
         chosen = proxy_selection(config, query, key, keys, scale)
-    density = selected_density(chosen, config.block_size, sq)
-    if run_dense(module, config.dense_fallback, density, query.device, "proxy_attn"):
-        return dense_attention(query, key, value, attention_mask, scale, sliding_window)
-    layout = BlockSparseLayout.from_block_mask(chosen, config.block_size, config.block_size, sq, skv)
-    return block_sparse_attention(
-        query, key, value, layout, causal=True, scale=scale, key_mask=keys, window=sliding_window
-    )
+    return attend_blocks(chosen, config.block_size, config.block_size, "proxy_attn", config.dense_fallback, query, key,
+                         value, attention_mask, scale, module, keys, sliding_window)
 
 
 register_lm_method(LMMethod(

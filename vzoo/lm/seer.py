@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vzoo.kernels import BlockSparseLayout, attention_block_max, block_sparse_attention
+from vzoo.kernels import attention_block_max
 
-from .layers import Attachment, dense_attention, key_validity, run_dense, select_layers, selected_density
+from .layers import Attachment, attend_blocks, dense_attention, key_validity, select_layers
 from .registry import LMMethod, register_lm_method
 
 __all__ = [
@@ -272,12 +272,8 @@ def seer_attention(
             pad = F.pad(~keys, (0, nb * gate.block - skv), value=True).view(-1, nb, gate.block).all(-1)  # [B, NB]
             logits = logits.masked_fill(pad[:, None, None, :], torch.finfo(logits.dtype).min)
         chosen = _selected_blocks(config, logits)
-    if run_dense(module, config.dense_fallback, selected_density(chosen, gate.block, sq), query.device, "seerattention"):
-        return dense_attention(query, key, value, attention_mask, scale, sliding_window)
-    layout = BlockSparseLayout.from_block_mask(chosen, gate.block, gate.block, sq, skv)
-    return block_sparse_attention(
-        query, key, value, layout, causal=True, scale=scale, key_mask=keys, window=sliding_window
-    )
+    return attend_blocks(chosen, gate.block, gate.block, "seerattention", config.dense_fallback, query, key, value,
+                         attention_mask, scale, module, keys, sliding_window)
 
 
 def _positions(position_ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:

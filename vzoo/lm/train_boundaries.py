@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .dhsa import (
     BoundaryPredictor, DHSAConfig, new_predictor, pick_boundaries, pre_rope_keys, save_boundary_predictors, similarity_scores,
 )
-from .train_gates import text_sequences
+from .train_gates import saved_model_and_text
 
 __all__ = ["boundary_labels", "capture_keys", "train_boundaries", "train_boundaries_from_files"]
 
@@ -119,16 +119,8 @@ def train_boundaries_from_files(
     layer on ``data`` (plain text) with the default :class:`DHSAConfig` labels and save them (default
     ``model_dir/dhsa_boundaries.safetensors``); use them with ``DHSAConfig(boundaries="predictor",
     predictor=path)``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a saved transformers model (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sequences = text_sequences(tokenizer, data, seq_len)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    model, sequences = saved_model_and_text(model_dir, data, seq_len)
     predictors, losses = train_boundaries(model, sequences, steps, lr=lr, batch_size=batch_size, progress=progress)
-    path = save_boundary_predictors(predictors, out or model_dir / "dhsa_boundaries.safetensors")
+    path = save_boundary_predictors(predictors, out or Path(model_dir) / "dhsa_boundaries.safetensors")
     print(f"boundary loss {losses[0]:.4g} -> {losses[-1]:.4g}; predictors saved to {path}")
     return path

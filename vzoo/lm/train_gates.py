@@ -13,7 +13,7 @@ import torch.nn as nn
 from .apply import apply_sparse_attention
 from .seer import SeerAttentionConfig, gate_parameters, save_gates, seer_distill_loss
 
-__all__ = ["text_sequences", "train_gates", "train_gates_from_files"]
+__all__ = ["saved_model_and_text", "text_sequences", "train_gates", "train_gates_from_files"]
 
 LOSS_SCALE = 10.0  # the official gate_loss_scale
 
@@ -80,6 +80,19 @@ def train_gates(
     return losses
 
 
+def saved_model_and_text(model_dir: str | Path, data: str | Path, seq_len: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The causal LM saved in ``model_dir`` (on CUDA when available) and the plain-text file ``data``
+    cut by its tokenizer into sequences ``[N, seq_len]`` (:func:`text_sequences`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a saved transformers model (no config.json)")
+    sequences = text_sequences(AutoTokenizer.from_pretrained(model_dir), data, seq_len)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(model_dir).to(device), sequences
+
+
 def train_gates_from_files(
     model_dir: str | Path,
     data: str | Path,
@@ -92,17 +105,9 @@ def train_gates_from_files(
 ) -> Path:
     """Load a saved causal LM and its tokenizer from ``model_dir``, train gates on ``data`` (plain text)
     and save them (default ``model_dir/seer_gates.safetensors``)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: not a saved transformers model (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sequences = text_sequences(tokenizer, data, seq_len)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    model, sequences = saved_model_and_text(model_dir, data, seq_len)
     apply_sparse_attention(model, SeerAttentionConfig(block_size=block_size))
     losses = train_gates(model, sequences, steps, lr=lr)
-    path = save_gates(model, out or model_dir / "seer_gates.safetensors")
+    path = save_gates(model, out or Path(model_dir) / "seer_gates.safetensors")
     print(f"gate loss {losses[0]:.4g} -> {losses[-1]:.4g}; gates saved to {path}")
     return path
