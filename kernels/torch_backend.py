@@ -56,10 +56,6 @@ class _Plan:
     bad: torch.Tensor | None  # bool [U, 1, K, block_n]: the same, gathered like the key blocks
 
     @property
-    def units(self) -> int:
-        return self.flat_blocks.numel() // max(self.layout.max_blocks, 1)
-
-    @property
     def widest(self) -> int:
         """Units of the largest chunk times its slots (the buffer size in blocks)."""
         return max(len(u) * k for u, k in self.chunks)
@@ -112,7 +108,7 @@ def _plan(
         visible = visible & seen
     dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
-    chunks = _unit_chunks(layout.kv_num_blocks.reshape(-1), maxk, rows * bn)
+    chunks = _unit_chunks(layout.kv_num_blocks.reshape(-1), rows * bn)
     key_ok = None
     if key_mask is not None:  # gathered like the key blocks: [B * Hkv * NKB, block_n] -> [U, 1, K, block_n]
         table = F.pad(key_mask, (0, nkb * bn - skv)).view(b, 1, nkb, bn).expand(b, hkv, nkb, bn).reshape(-1, bn)
@@ -126,12 +122,10 @@ def _plan(
     )
 
 
-def _unit_chunks(counts: torch.Tensor, maxk: int, elems_per_slot: int) -> list[tuple[torch.Tensor, int]]:
+def _unit_chunks(counts: torch.Tensor, elems_per_slot: int) -> list[tuple[torch.Tensor, int]]:
     """Split the units (``counts [U]``: used slots per unit) into chunks of about ``_CHUNK_ELEMS`` score
     elements, longest rows first; each chunk keeps the slots its longest unit uses (at least 1). One
-    host sync (the sorted counts)."""
-    if maxk == 0 or counts.numel() == 0:
-        return [(torch.arange(counts.numel(), device=counts.device), max(maxk, 1))]
+    host sync (the sorted counts). Callers handle empty problems (no unit, no slot) before."""
     ordered, order = torch.sort(counts, descending=True, stable=True)
     widths = ordered.clamp_min(1).tolist()
     chunks, start = [], 0

@@ -5,7 +5,6 @@ The float64 oracle of ``conftest.py`` is the ground truth throughout."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
