@@ -43,10 +43,12 @@ class _Plan:
     group: int  # query heads per unit (G)
     flat_blocks: torch.Tensor  # int64 [U * K], index into k viewed as [B * Hkv * NKB, block_n, D]
     slot_on: torch.Tensor | None  # bool [U, R, K]: slot usable by the row (count, token mask)
+    token_masked: bool  # slot_on holds a token mask (else only counts, needed by padded chunks alone)
     key_pos: torch.Tensor | None  # int64 [U, 1, K, block_n]: key positions, when masking tokens
     row_pos: torch.Tensor | None  # int64 [U, R, 1, 1]: query positions (bottom-right aligned)
     dead: torch.Tensor | None  # bool [U, R]: rows that see no key
-    chunks: list[tuple[torch.Tensor, int]]  # (unit ids, slots used by the longest of them), longest first
+    partial: torch.Tensor | None  # bool [U, K]: slots some (row, key) pair of which the token rules hide
+    chunks: list[tuple[torch.Tensor, int, bool]]  # (unit ids, their slots, whether some use fewer), longest first
     scale: float
     causal: bool
     window: int  # 0: none
@@ -58,7 +60,7 @@ class _Plan:
     @property
     def widest(self) -> int:
         """Units of the largest chunk times its slots (the buffer size in blocks)."""
-        return max(len(u) * k for u, k in self.chunks)
+        return max(len(u) * k for u, k, _ in self.chunks)
 
 
 def _plan(
@@ -113,26 +115,54 @@ def _plan(
     if key_mask is not None:  # gathered like the key blocks: [B * Hkv * NKB, block_n] -> [U, 1, K, block_n]
         table = F.pad(key_mask, (0, nkb * bn - skv)).view(b, 1, nkb, bn).expand(b, hkv, nkb, bn).reshape(-1, bn)
         key_ok = table.index_select(0, flat_blocks).view(-1, 1, maxk, bn)
+    partial = _partial_slots(key_pos, row_pos, key_ok, skv, causal, window, sink)
     bad_rows, bad = nonfinite_rows(k, v), None
     if bad_rows is not None:
         bad = F.pad(bad_rows, (0, nkb * bn - skv)).view(-1, bn).index_select(0, flat_blocks).view(-1, 1, maxk, bn)
     return _Plan(
-        layout, group, flat_blocks, slot_on, key_pos, row_pos, dead, chunks, scale, causal, window, sink, key_ok,
-        bad_rows, bad,
+        layout, group, flat_blocks, slot_on, token_mask is not None, key_pos, row_pos, dead, partial, chunks, scale, causal, window, sink,
+        key_ok, bad_rows, bad,
     )
 
 
-def _unit_chunks(counts: torch.Tensor, elems_per_slot: int) -> list[tuple[torch.Tensor, int]]:
+def _partial_slots(key_pos, row_pos, key_ok, skv: int, causal: bool, window: int, sink: int) -> torch.Tensor | None:
+    """bool ``[U, K]``: the slots whose block the token rules (tail past ``skv``, causal, window, key mask)
+    hide from some row of the unit; ``None`` when there are none. Only these are masked key by key; under
+    a causal rule with aligned blocks that is one slot per row list (its diagonal block)."""
+    if key_pos is None and key_ok is None:
+        return None
+    partial = None
+    if key_pos is not None:
+        first = key_pos[:, 0, :, 0]  # [U, K]
+        last = first + key_pos.shape[-1] - 1
+        partial = last >= skv
+        if row_pos is not None:
+            rows = row_pos[:, :, 0, 0]
+            low, high = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+            if causal:
+                partial = partial | (last > low)
+            if window > 0:
+                partial = partial | ((last >= sink) & (first <= high - window))
+    if key_ok is not None:
+        masked = ~key_ok[:, 0].all(-1)
+        partial = masked if partial is None else partial | masked
+    return partial if bool(partial.any()) else None
+
+
+def _unit_chunks(counts: torch.Tensor, elems_per_slot: int) -> list[tuple[torch.Tensor, int, bool]]:
     """Split the units (``counts [U]``: used slots per unit) into chunks of about ``_CHUNK_ELEMS`` score
-    elements, longest rows first; each chunk keeps the slots its longest unit uses (at least 1). One
-    host sync (the sorted counts). Callers handle empty problems (no unit, no slot) before."""
+    elements, longest rows first, a new chunk wherever the count changes, so no chunk masks padding
+    slots; each chunk keeps its units' slots (at least 1; the flag marks units with none). One host sync
+    (the sorted counts). Callers handle empty problems (no unit, no slot) before."""
     ordered, order = torch.sort(counts, descending=True, stable=True)
-    widths = ordered.clamp_min(1).tolist()
+    used = ordered.tolist()
     chunks, start = [], 0
-    while start < len(widths):
-        width = widths[start]
-        stop = min(len(widths), start + max(1, _CHUNK_ELEMS // (elems_per_slot * width)))
-        chunks.append((order[start:stop], width))
+    while start < len(used):
+        width = max(used[start], 1)
+        stop = min(len(used), start + max(1, _CHUNK_ELEMS // (elems_per_slot * width)))
+        while used[stop - 1] != used[start]:
+            stop -= 1
+        chunks.append((order[start:stop], width, used[start] < width))
         start = stop
     return chunks
 
@@ -178,10 +208,11 @@ class _Chunk:
     units: torch.Tensor  # int64 [n]
     width: int  # slots K' (the longest row of the chunk)
     blocks: torch.Tensor  # int64 [n * K']
-    slot_on: torch.Tensor | None  # [n|1, R, K']
+    slot_on: torch.Tensor | None  # [n|1, R, K']: only for a token mask or units without slots
     key_pos: torch.Tensor | None  # [n, 1, K', block_n]
     row_pos: torch.Tensor | None  # [n, R, 1, 1]
     key_ok: torch.Tensor | None  # [n, 1, K', block_n]
+    partial: torch.Tensor | None  # [n, K']
     bad: torch.Tensor | None  # [n, 1, K', block_n]
     dead: torch.Tensor | None  # [n, R]
 
@@ -205,18 +236,22 @@ def _probs(plan: _Plan, c: _Chunk, qc: torch.Tensor, kg: torch.Tensor, out: torc
         blocked.masked_fill_(c.bad, float("nan"))
     if c.slot_on is not None:
         blocked.masked_fill_(~c.slot_on[..., None], float("-inf"))
-    hidden = None
-    if c.key_pos is not None:
-        kp = c.key_pos
-        hidden = kp >= plan.layout.kv_len
-        if plan.causal:
-            hidden = hidden | (kp > c.row_pos)
-        if plan.window > 0:
-            hidden = hidden | ((kp <= c.row_pos - plan.window) & (kp >= plan.sink))
-    if c.key_ok is not None:
-        hidden = ~c.key_ok if hidden is None else hidden | ~c.key_ok
-    if hidden is not None:
-        blocked.masked_fill_(hidden, float("-inf"))
+    if c.partial is not None:  # token rules, on the partial slots only: [P, R, block_n]
+        unit, slot = c.partial.nonzero(as_tuple=True)
+        hidden = None
+        if c.key_pos is not None:
+            kp = c.key_pos[unit, 0, slot][:, None, :]
+            hidden = kp >= plan.layout.kv_len
+            if c.row_pos is not None:
+                rp = c.row_pos[unit, :, 0]
+                if plan.causal:
+                    hidden = hidden | (kp > rp)
+                if plan.window > 0:
+                    hidden = hidden | ((kp <= rp - plan.window) & (kp >= plan.sink))
+        if c.key_ok is not None:
+            gone = ~c.key_ok[unit, 0, slot][:, None, :]
+            hidden = gone if hidden is None else hidden | gone
+        blocked[unit, :, slot] = blocked[unit, :, slot].masked_fill(hidden, float("-inf"))
     peak = out.amax(-1) if want_lse or c.key_ok is not None else None
     empty = torch.isneginf(peak) if c.key_ok is not None else None  # masked keys can empty a row
     torch.ops.aten._softmax.out(out, -1, False, out=out)
@@ -237,16 +272,17 @@ def _chunks(plan: _Plan, kb: torch.Tensor, vb: torch.Tensor) -> Iterator[tuple[_
     maxk, bn, d = plan.layout.max_blocks, plan.layout.block_n, kb.shape[-1]
     kbuf, vbuf = kb.new_empty(plan.widest, bn, d), vb.new_empty(plan.widest, bn, d)
     table = plan.flat_blocks.view(-1, maxk)
-    for units, width in plan.chunks:
+    for units, width, padded in plan.chunks:
         n = len(units)
         blocks = table.index_select(0, units)[:, :width].reshape(-1)
         kg, vg = kbuf[: n * width], vbuf[: n * width]
         torch.index_select(kb, 0, blocks, out=kg)
         torch.index_select(vb, 0, blocks, out=vg)
+        slot_on = _take(plan.slot_on, units, width) if padded or plan.token_masked else None
         c = _Chunk(
-            units, width, blocks, _take(plan.slot_on, units, width), _take(plan.key_pos, units, width),
-            _take(plan.row_pos, units, width, None), _take(plan.key_ok, units, width), _take(plan.bad, units, width),
-            _take(plan.dead, units, width, None),
+            units, width, blocks, slot_on, _take(plan.key_pos, units, width),
+            _take(plan.row_pos, units, width, None), _take(plan.key_ok, units, width), _take(plan.partial, units, width, 1),
+            _take(plan.bad, units, width), _take(plan.dead, units, width, None),
         )
         yield c, kg.view(n, width * bn, d), vg.view(n, width * bn, d)
 

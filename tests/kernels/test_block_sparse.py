@@ -345,3 +345,23 @@ def test_torch_backend_reads_strided_inputs(monkeypatch, causal):
     (grad_c,) = torch.autograd.grad(out_c.square().sum(), fused)
     torch.testing.assert_close(out_s, out_c, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(grad_s, grad_c, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("window", [0, 40])
+def test_torch_backend_masks_only_partial_slots(window):
+    """The token rules run key by key only on the slots they cut (values are checked against the oracle
+    above): with aligned causal blocks of 16, the diagonal one per row list; with a window of 40 also
+    every block from two before the diagonal down (cut or wholly hidden), never the one just before."""
+    from vzoo.kernels import torch_backend
+
+    nb, blk = 6, 16
+    mask = torch.ones(nb, nb, dtype=torch.bool).tril().expand(1, 2, nb, nb).contiguous()
+    layout = BlockSparseLayout.from_block_mask(mask, blk, blk, nb * blk, nb * blk)
+    q = k = v = torch.randn(1, 2, nb * blk, 8)
+    plan = torch_backend._plan(q, k, layout, None, True, 1.0, window, 0, None, v)
+    used = torch.ones(nb, nb, dtype=torch.bool).tril()  # slot j holds key block j; later slots are unused
+    lists = plan.partial.view(2, nb, nb) & used  # [head, query block, slot]
+    want = torch.eye(nb, dtype=torch.bool)
+    if window:
+        want = want | torch.ones(nb, nb, dtype=torch.bool).tril(-2)
+    assert torch.equal(lists[0], want) and torch.equal(lists[1], want)
