@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from vzoo.kernels.break_even import DensityReport, DensityStats
-from vzoo.psa import PSAConfig, seeded_generator
+from vzoo.psa import PSAConfig, psa_offsets, seeded_generator
 from vzoo.vmoba import VMoBAConfig
 
 from .adapters import Adapter, adapter_for, call_arguments
-from .attention import Unsupported, video_attention
+from .attention import TokenCountMismatch, Unsupported, video_attention
+from .parallel import check_parallel, context_parallel, ulysses_heads
 
 __all__ = ["DenseConfig", "SparseAttentionHandle", "apply_sparse_attention", "make_config"]
 
@@ -96,11 +97,18 @@ class _CatchSDPA(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _forwarded(name: str) -> property:
+    """An attribute diffusers sets on processors (``_parallel_config`` by ``enable_parallelism``,
+    ``_attention_backend`` by ``set_attention_backend``), kept on the stock processor it must reach, so
+    vzoo and those calls can come in either order and ``remove()`` keeps them."""
+    return property(lambda self: getattr(self.original, name, None), lambda self, value: setattr(self.original, name, value))
+
+
 class _SparseProcessor:
     """Wraps a stock processor; subclasses fix the call signature (diffusers filters kwargs by it)."""
 
-    _attention_backend = None
-    _parallel_config = None
+    _attention_backend = _forwarded("_attention_backend")
+    _parallel_config = _forwarded("_parallel_config")
 
     def __init__(self, original, layer_idx: int, state: _State) -> None:
         self.original, self.layer_idx, self.state = original, layer_idx, state
@@ -109,6 +117,7 @@ class _SparseProcessor:
         config = self.state.sparse_config(self.layer_idx)
         if config is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **rotary)
+        check_parallel(self.original)
         caught = []
 
         def attend(func, args, kwargs):
@@ -127,14 +136,26 @@ class _SparseProcessor:
         if call.get("dropout_p", 0.0) or call.get("is_causal", False):
             self.state.warn_once("dropout or causal attention")
             return func(*args, **kwargs)
-        generator = seeded_generator(getattr(config, "seed", None), call["query"].device, self.state.generators)
+        q, k = call["query"], call["key"]
+        generator = seeded_generator(getattr(config, "seed", None), q.device, self.state.generators)
+        offsets = None
+        share = ulysses_heads(self.original)
+        if isinstance(config, PSAConfig) and share is not None:  # draw for every head, as one process does
+            rank, degree = share
+            drawn = psa_offsets(q.shape[0], (q.shape[1] * degree, k.shape[1] * degree), config, q.device, generator)
+            offsets = tuple(o.chunk(degree, 1)[rank] for o in drawn)
         try:
             out, density, dense = video_attention(
-                call["query"], call["key"], call["value"], call.get("attn_mask"), call.get("scale"),
+                q, k, call["value"], call.get("attn_mask"), call.get("scale"),
                 grid=self.state.grid, layer_idx=self.layer_idx, config=config, text_first=self.state.adapter.text_first,
-                generator=generator,
+                generator=generator, offsets=offsets,
             )
         except Unsupported as why:
+            if isinstance(why, TokenCountMismatch) and context_parallel(self.original) is not None:
+                raise RuntimeError(
+                    f"vzoo sparse attention under context parallelism: {why}; this rank holds only a slice of the "
+                    "sequence, so attending to it would be wrong (vzoo needs Ulysses, which gathers every token)"
+                ) from None
             self.state.warn_once(str(why))
             return func(*args, **kwargs)
         self.state.stats.add(density, dense)
@@ -216,6 +237,8 @@ def apply_sparse_attention(
         layers = adapter.self_attention(transformer)
         if any(isinstance(attn.processor, _SparseProcessor) for _, attn in layers):
             raise RuntimeError(f"{type(transformer).__name__} already has vzoo sparse attention; remove() it first")
+        for _, attn in layers:
+            check_parallel(attn.processor)
         state = _State(adapter, config, scheduler, num_inference_steps)
         handle._states.append(state)
         handle._hooks.append(transformer.register_forward_pre_hook(state.pre_forward, with_kwargs=True))

@@ -17,11 +17,15 @@ from vzoo.kernels.reference import dense_attention
 from vzoo.psa import PSAConfig, psa_attention
 from vzoo.vmoba import VMoBAConfig, vmoba_attention
 
-__all__ = ["video_attention", "Unsupported"]
+__all__ = ["video_attention", "TokenCountMismatch", "Unsupported"]
 
 
 class Unsupported(Exception):
     """This call cannot take the sparse path; the caller falls back to the stock attention."""
+
+
+class TokenCountMismatch(Unsupported):
+    """The call's tokens do not hold the latent grid (a sequence slice under context parallelism?)."""
 
 
 def _key_mask(attn_mask: torch.Tensor | None, b: int, s: int) -> torch.Tensor | None:
@@ -45,16 +49,18 @@ def video_attention(
     config: VMoBAConfig | PSAConfig,
     text_first: bool,
     generator: torch.Generator | None = None,
+    offsets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float, bool]:
     """``q, k, v [B, H, S, D]`` with ``S = T*H*W`` video tokens plus text tokens (before them when
     ``text_first``, else after). Returns the attention output, the density the method selected for the
     video part and whether the dense kernel ran instead (selection above the device's break-even).
-    ``generator``: PSA's offset sampling (torch's global generator if None)."""
+    ``generator``: PSA's offset sampling (torch's global generator if None); ``offsets``: PSA's sampled
+    offsets, when the caller drew them (see :func:`vzoo.psa.psa_offsets`)."""
     b, h, s, d = q.shape
     n_video = math.prod(grid)
     n_text = s - n_video
     if n_text < 0 or k.shape[2] != s:
-        raise Unsupported(f"{s} tokens do not hold the latent grid {grid} ({n_video} tokens)")
+        raise TokenCountMismatch(f"{s} tokens do not hold the latent grid {grid} ({n_video} tokens)")
     scale = d**-0.5 if scale is None else scale
     keep = _key_mask(attn_mask, b, s)
     video = slice(n_text, s) if text_first else slice(0, n_video)
@@ -65,7 +71,7 @@ def video_attention(
     if isinstance(config, VMoBAConfig):
         method, args, kw = vmoba_attention, (grid, layer_idx, config), {}
     else:
-        method, args, kw = psa_attention, (grid, config), dict(generator=generator)
+        method, args, kw = psa_attention, (grid, config), dict(generator=generator, offsets=offsets)
     # lse_v: [the video part's log-sum-exp] when there are text tokens to merge with, else []
     out_v, *lse_v, density, dense = method(qv, kv, vv, *args, scale=scale, return_lse=n_text > 0, return_density=True, **kw)
     if n_text == 0:

@@ -121,3 +121,35 @@ def pipeline(family: str):
     kw = dict(prompt_embeds=torch.randn(1, 5, 16), prompt_attention_mask=torch.ones(1, 5), negative_prompt_embeds=torch.randn(1, 5, 16),
               negative_prompt_attention_mask=torch.ones(1, 5), height=256, width=256, num_frames=25)
     return pipe, kw | common, 1  # CFG batched
+
+
+# Context parallelism (Ulysses over two gloo processes): the families diffusers 0.42 gives a plan, the
+# configs compared with one process. Text lengths are even, so the plans can split them in two.
+CONTEXT_PARALLEL_FAMILIES = ("wan", "ltx")
+
+
+def _context_parallel_cases() -> dict:
+    from vzoo.pipelines import DenseConfig, PSAConfig, VMoBAConfig
+
+    return {
+        "dense": DenseConfig(),
+        "vmoba": VMoBAConfig(temporal_block=(2,), spatial_block=(4, 4), cube_block=(2, 4, 4), topk=(1, 2, 3),
+                             dense_warmup=0.0, dense_fallback=False),
+        "psa": PSAConfig(block_q=16, block_k=16, dense_warmup=0.0, dense_fallback=False),
+    }
+
+
+CONTEXT_PARALLEL_CASES = _context_parallel_cases()
+
+
+def context_parallel_model(family: str):
+    """The tiny ``family`` model and inputs, seeded, with 6 text tokens. LTX's text mask is ``None``:
+    diffusers 0.42 does not split an attention mask by heads under Ulysses (its cross-attention fails
+    with the mask, dense or not)."""
+    torch.manual_seed(0)
+    model, inputs = FAMILIES[family]()
+    text = torch.randn(1, 6, inputs["encoder_hidden_states"].shape[-1])
+    inputs["encoder_hidden_states"] = text
+    if "encoder_attention_mask" in inputs:
+        inputs["encoder_attention_mask"] = None  # given (the plan looks it up), but no mask
+    return model, inputs

@@ -1,0 +1,65 @@
+"""One rank of the two-process context-parallel test (``test_context_parallel.py`` starts two of these).
+
+Usage: ``python cp_worker.py RANK WORLD PORT OUT_DIR``. For every family, method and setup order it
+builds the tiny model (same seed as the one-process run), turns on Ulysses over gloo and vzoo in that
+order, and rank 0 saves the output to ``OUT_DIR/{family}-{method}-{order}.npy``; then it checks that a
+ring degree above 1 is refused in both orders (``OUT_DIR/ring-{order}.txt`` holds the error)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models  # noqa: E402
+
+from vzoo.pipelines import apply_sparse_attention  # noqa: E402
+from vzoo.pipelines.parallel import enable_context_parallel  # noqa: E402
+
+CASES = tiny_models.CONTEXT_PARALLEL_CASES
+
+
+def run(family: str, method: str, order: str, ulysses: int, ring: int):
+    model, inputs = tiny_models.context_parallel_model(family)
+    config = CASES[method]
+    if order == "cp_first":
+        enable_context_parallel(model, ulysses_degree=ulysses, ring_degree=ring)
+        handle = apply_sparse_attention(model, config)
+    else:
+        handle = apply_sparse_attention(model, config)
+        enable_context_parallel(model, ulysses_degree=ulysses, ring_degree=ring)
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    handle.remove()
+    return out
+
+
+def main() -> None:
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    for family in tiny_models.CONTEXT_PARALLEL_FAMILIES:
+        for method in CASES:
+            for order in ("cp_first", "vzoo_first"):
+                result = run(family, method, order, world, 1)
+                if rank == 0:
+                    np.save(out / f"{family}-{method}-{order}.npy", result.detach().numpy())
+    for order in ("cp_first", "vzoo_first"):
+        try:
+            run("wan", "vmoba", order, 1, world)
+            message = "no error"
+        except RuntimeError as e:
+            message = str(e)
+        if rank == 0:
+            (out / f"ring-{order}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
