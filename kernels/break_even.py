@@ -16,10 +16,16 @@ FlashAttention's throughput per selected block), to be replaced by ``bash benchm
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BREAK_EVEN", "DensityReport", "DensityStats", "break_even", "dense_is_faster", "dense_attention_lse"]
+__all__ = [
+    "BREAK_EVEN", "DensityReport", "DensityStats", "break_even", "dense_is_faster", "dense_attention_lse", "shared_density",
+]
 
 BREAK_EVEN: dict[tuple[str, str], float] = {
     ("cpu", "psa"): 0.2,  # measured
@@ -40,9 +46,26 @@ def break_even(device: torch.device | str, op: str) -> float:
     return BREAK_EVEN.get((torch.device(device).type, op), _DEFAULT)
 
 
+_shared: contextvars.ContextVar[Callable[[float], float] | None] = contextvars.ContextVar("vzoo_density", default=None)
+
+
+@contextlib.contextmanager
+def shared_density(reduce: Callable[[float], float]) -> Iterator[None]:
+    """Inside the block :func:`dense_is_faster` decides on ``reduce(density)``: the density of the whole
+    call when its heads are split over processes (context parallelism: the mean over the ranks), so
+    every rank takes the path one process would. ``reduce`` is collective there: all ranks must decide."""
+    token = _shared.set(reduce)
+    try:
+        yield
+    finally:
+        _shared.reset(token)
+
+
 def dense_is_faster(density: float, device: torch.device | str, op: str) -> bool:
-    """True when a call of ``op`` that selected ``density`` of the dense work should run dense instead."""
-    return density > break_even(device, op)
+    """True when a call of ``op`` that selected ``density`` of the dense work should run dense instead
+    (of the whole call, inside :func:`shared_density`)."""
+    reduce = _shared.get()
+    return (density if reduce is None else reduce(density)) > break_even(device, op)
 
 
 class DensityStats:

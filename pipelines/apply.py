@@ -11,6 +11,7 @@ processors back and drops the hooks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -20,13 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from vzoo.kernels.break_even import DensityReport, DensityStats
+from vzoo.kernels.break_even import DensityReport, DensityStats, shared_density
 from vzoo.psa import PSAConfig, psa_offsets, seeded_generator
 from vzoo.vmoba import VMoBAConfig
 
 from .adapters import Adapter, adapter_for, call_arguments
 from .attention import TokenCountMismatch, Unsupported, video_attention
-from .parallel import check_parallel, context_parallel, ulysses_heads
+from .parallel import check_parallel, context_parallel, mean_over_ulysses, ulysses_heads
 
 __all__ = ["DenseConfig", "SparseAttentionHandle", "apply_sparse_attention", "make_config"]
 
@@ -144,12 +145,14 @@ class _SparseProcessor:
             rank, degree = share
             drawn = psa_offsets(q.shape[0], (q.shape[1] * degree, k.shape[1] * degree), config, q.device, generator)
             offsets = tuple(o.chunk(degree, 1)[rank] for o in drawn)
+        shared = shared_density(mean_over_ulysses(self.original, q.device)) if share else contextlib.nullcontext()
         try:
-            out, density, dense = video_attention(
-                q, k, call["value"], call.get("attn_mask"), call.get("scale"),
-                grid=self.state.grid, layer_idx=self.layer_idx, config=config, text_first=self.state.adapter.text_first,
-                generator=generator, offsets=offsets,
-            )
+            with shared:  # under Ulysses the dense fallback is decided on the density of all heads
+                out, density, dense = video_attention(
+                    q, k, call["value"], call.get("attn_mask"), call.get("scale"),
+                    grid=self.state.grid, layer_idx=self.layer_idx, config=config, text_first=self.state.adapter.text_first,
+                    generator=generator, offsets=offsets,
+                )
         except Unsupported as why:
             if isinstance(why, TokenCountMismatch) and context_parallel(self.original) is not None:
                 raise RuntimeError(

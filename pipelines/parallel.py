@@ -9,7 +9,9 @@ whose context-parallel path never calls ``scaled_dot_product_attention`` (vzoo a
 
 from __future__ import annotations
 
-__all__ = ["check_parallel", "context_parallel", "enable_context_parallel", "ulysses_heads"]
+from collections.abc import Callable
+
+__all__ = ["check_parallel", "context_parallel", "enable_context_parallel", "mean_over_ulysses", "ulysses_heads"]
 
 # diffusers' attention backends whose context-parallel forward calls F.scaled_dot_product_attention
 SDPA_BACKENDS = ("native",)
@@ -87,3 +89,19 @@ def enable_context_parallel(transformer, ulysses_degree: int | None = None, ring
     finally:
         torch.accelerator.device_count = count
     return config
+
+
+def mean_over_ulysses(processor, device) -> Callable[[float], float]:
+    """``density -> mean over the Ulysses group``: each rank holds an equal share of the heads, so the
+    mean of the ranks' densities is the density of the whole call (an all-reduce per decision)."""
+    import torch
+    import torch.distributed as dist
+
+    cp = context_parallel(processor)
+
+    def reduce(density: float) -> float:
+        total = torch.tensor([density], dtype=torch.float64, device=device)
+        dist.all_reduce(total, group=cp._ulysses_mesh.get_group())
+        return total.item() / cp.ulysses_degree
+
+    return reduce

@@ -2,8 +2,9 @@
 
 Usage: ``python cp_worker.py RANK WORLD PORT OUT_DIR``. For every family, method and setup order it
 builds the tiny model (same seed as the one-process run), turns on Ulysses over gloo and vzoo in that
-order, and rank 0 saves the output to ``OUT_DIR/{family}-{method}-{order}.npy``; then it checks that a
-ring degree above 1 is refused in both orders (``OUT_DIR/ring-{order}.txt`` holds the error)."""
+order, and rank 0 saves the output to ``OUT_DIR/{family}-{method}-{order}.npy``; each rank writes its
+dense-fallback decision on unequal densities (``decided-{rank}.txt``); then it checks that a ring degree
+above 1 is refused in both orders (``OUT_DIR/ring-{order}.txt`` holds the error)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 
 from vzoo.pipelines import apply_sparse_attention  # noqa: E402
-from vzoo.pipelines.parallel import enable_context_parallel  # noqa: E402
+from vzoo.kernels.break_even import dense_is_faster, shared_density  # noqa: E402
+from vzoo.pipelines.parallel import enable_context_parallel, mean_over_ulysses  # noqa: E402
 
 CASES = tiny_models.CONTEXT_PARALLEL_CASES
 
@@ -50,6 +52,14 @@ def main() -> None:
                 result = run(family, method, order, world, 1)
                 if rank == 0:
                     np.save(out / f"{family}-{method}-{order}.npy", result.detach().numpy())
+    # the fallback decision under Ulysses: rank 0 selected nothing, rank 1 everything; both must decide on
+    # the mean (0.5: dense for PSA, break-even 0.2), as one process holding both heads would
+    model, _ = tiny_models.context_parallel_model("wan")
+    enable_context_parallel(model, ulysses_degree=world)
+    reduce = mean_over_ulysses(model.blocks[0].attn1.processor, "cpu")
+    with shared_density(reduce):
+        decided = dense_is_faster(float(rank), "cpu", "psa")
+    (out / f"decided-{rank}.txt").write_text(str(decided))
     for order in ("cp_first", "vzoo_first"):
         try:
             run("wan", "vmoba", order, 1, world)

@@ -55,6 +55,19 @@ def test_ulysses_equals_one_process(two_ranks, family, method, order):
     assert (got - want).abs().max() < 1e-5
 
 
+def test_ranks_take_the_fallback_decision_of_the_whole_call(two_ranks):
+    assert [(two_ranks / f"decided-{r}.txt").read_text() for r in range(2)] == ["True", "True"]
+
+
+def test_shared_density_decides_on_the_reduced_density():
+    from vzoo.kernels.break_even import dense_is_faster, shared_density
+
+    assert not dense_is_faster(0.0, "cpu", "psa")
+    with shared_density(lambda d: d + 1.0):
+        assert dense_is_faster(0.0, "cpu", "psa")
+    assert not dense_is_faster(0.0, "cpu", "psa")
+
+
 @pytest.mark.parametrize("order", ["cp_first", "vzoo_first"])
 def test_ring_attention_is_refused(two_ranks, order):
     assert "ring_degree=2" in (two_ranks / f"ring-{order}.txt").read_text()

@@ -136,6 +136,10 @@ def _context_parallel_cases() -> dict:
         "vmoba": VMoBAConfig(temporal_block=(2,), spatial_block=(4, 4), cube_block=(2, 4, 4), topk=(1, 2, 3),
                              dense_warmup=0.0, dense_fallback=False),
         "psa": PSAConfig(block_q=16, block_k=16, dense_warmup=0.0, dense_fallback=False),
+        # the dense fallback decided per call: on the density of all heads, as one process does
+        "vmoba-fallback": VMoBAConfig(temporal_block=(2,), spatial_block=(4, 4), cube_block=(2, 4, 4), topk=(1, 2, 3),
+                                      dense_warmup=0.0),
+        "psa-fallback": PSAConfig(block_q=16, block_k=16, dense_warmup=0.0),
     }
 
 
