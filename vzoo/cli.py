@@ -98,7 +98,10 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} must end in .mp4 or .gif")
     if not (Path(args.model) / "model_index.json").is_file():
         raise ValueError(f"--model {args.model} is not a diffusers pipeline folder (no model_index.json)")
+    rank = _start_ulysses(args.ulysses) if args.ulysses > 1 else 0
     pipe = DiffusionPipeline.from_pretrained(args.model)
+    if args.ulysses > 1:
+        _ulysses_pipeline(pipe, args.ulysses)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     config = make_config(args.method, **({"seed": args.seed} if args.method == "psa" else {}))  # PSA's sampled offsets follow --seed
@@ -108,16 +111,57 @@ def _generate(args: argparse.Namespace) -> int:
             num_inference_steps=args.steps, generator=generator, output_type="pil",
         ).frames[0]
     wall = time.perf_counter() - start
+    densities = [handle.density]
+    if args.ulysses > 1:
+        import torch.distributed as dist
+
+        densities = [None] * args.ulysses
+        dist.all_gather_object(densities, handle.density)
+        dist.destroy_process_group()
+    if rank != 0:
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".gif":
         write_atomic(out, lambda tmp: export_to_gif(frames, str(tmp), fps=args.fps))
     else:
         write_atomic(out, lambda tmp: export_to_video(frames, str(tmp), fps=args.fps))
     density = "dense" if handle.density is None else (
-        f"{handle.density:.3f} (sparse layers and steps; {handle.dense_calls} of {handle.sparse_calls} calls above the break-even ran dense)"
+        f"{sum(densities) / len(densities):.3f} (sparse layers and steps; {handle.dense_calls} of {handle.sparse_calls} calls "
+        "above the break-even ran dense)"
     )
+    if len(densities) > 1 and handle.density is not None:  # each rank attends its share of the heads
+        density += "; per rank " + ", ".join(f"{d:.3f}" for d in densities) + ", the mean is the whole call's"
     print(f"wrote {out}: {len(frames)} frames in {wall:.1f} s; attention density {density}")
     return 0
+
+
+def _start_ulysses(degree: int) -> int:
+    """Join the torchrun process group (nccl on GPU, gloo on CPU); returns this process's rank."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != degree:
+        raise ValueError(
+            f"--ulysses {degree} needs {degree} processes, found WORLD_SIZE={world}: "
+            f"torchrun --nproc_per_node {degree} --no-python vzoo generate ... --ulysses {degree}"
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
+def _ulysses_pipeline(pipe, degree: int) -> None:
+    """Each transformer of ``pipe`` under Ulysses context parallelism; the pipeline on this rank's GPU."""
+    from vzoo.pipelines.parallel import enable_context_parallel
+
+    if torch.cuda.is_available():
+        pipe.to(f"cuda:{torch.cuda.current_device()}")
+    for transformer in (pipe.transformer, getattr(pipe, "transformer_2", None)):
+        if transformer is not None:
+            enable_context_parallel(transformer, ulysses_degree=degree)
 
 
 _TASKS = ("reid", "detect", "ground")
@@ -315,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=_POSITIVE, default=16)
     gen.add_argument("--out", required=True, metavar="FILE", help=".mp4 or .gif")
+    gen.add_argument("--ulysses", type=_POSITIVE, default=1, metavar="N",
+                     help="context parallelism over N processes (under torchrun --nproc_per_node N; rank 0 writes the video)")
     gen.set_defaults(func=_generate)
     _add_train_parsers(sub)
     rs = sub.add_parser("reid-search", help="train re-ID models with attention blocks at different stages; speed vs mAP")

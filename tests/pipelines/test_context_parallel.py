@@ -130,3 +130,36 @@ def test_a_sequence_slice_under_context_parallelism_raises():
     with pytest.raises(RuntimeError, match="only a slice of the sequence"):
         wrapper._attend(tiny.CONTEXT_PARALLEL_CASES["vmoba"], sdpa, (q, q, q), {})
     handle.remove()
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as gif:
+        return [np.asarray(f.convert("RGB"), dtype=np.int16) for f in ImageSequence.Iterator(gif)]
+
+
+def test_generate_with_ulysses_matches_one_process(tmp_path, capsys, monkeypatch):
+    """``torchrun --nproc_per_node 2 ... vzoo generate --ulysses 2``: rank 0 writes the video, its frames
+    match the one-process run within one level of 255, and the density of each rank is reported."""
+    from vzoo.cli import entry, main
+
+    tiny.save_wan_pipeline(tmp_path / "pipe")
+    args = ["generate", "--model", str(tmp_path / "pipe"), "--prompt", "a cat runs in the snow", "--method", "vmoba",
+            "--frames", "13", "--height", "64", "--width", "64", "--steps", "3"]
+    assert main(args + ["--out", str(tmp_path / "one.gif")]) == 0
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+         "-m", "vzoo.cli", *args, "--ulysses", "2", "--out", str(tmp_path / "two.gif")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "per rank" in run.stdout and run.stdout.count("wrote ") == 1
+    one, two = _frames(tmp_path / "one.gif"), _frames(tmp_path / "two.gif")
+    assert len(one) == len(two) == 13
+    assert max(int(np.abs(a - b).max()) for a, b in zip(one, two)) <= 1
+    capsys.readouterr()
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert entry(args + ["--ulysses", "2", "--out", str(tmp_path / "x.gif")]) == 2
+    assert capsys.readouterr().err.startswith("vzoo: error: --ulysses 2 needs 2 processes")
+    assert not (tmp_path / "x.gif").exists()
