@@ -35,6 +35,7 @@ class Adapter:
     grid: Callable[[nn.Module, dict], tuple[int, int, int]]
     text_first: bool  # text tokens before the video tokens inside self-attention (else after, if any)
     rotary_arg: str  # the processor's rotary-embedding parameter
+    gathers: bool = True  # the processor's attention does diffusers' Ulysses all-to-all (dispatch_attention_fn)
 
 
 ADAPTERS = (
@@ -48,7 +49,7 @@ ADAPTERS = (
         "cogvideox", "CogVideoXTransformer3DModel",
         lambda t: [(i, blk.attn1) for i, blk in enumerate(t.transformer_blocks)],
         lambda t, a: _grid_cogvideox(t, a["hidden_states"]),
-        text_first=True, rotary_arg="image_rotary_emb",
+        text_first=True, rotary_arg="image_rotary_emb", gathers=False,  # calls F.scaled_dot_product_attention itself
     ),
     Adapter(
         "hunyuanvideo", "HunyuanVideoTransformer3DModel",

@@ -27,7 +27,7 @@ from vzoo.vmoba import VMoBAConfig
 
 from .adapters import Adapter, adapter_for, call_arguments
 from .attention import TokenCountMismatch, Unsupported, video_attention
-from .parallel import check_parallel, context_parallel, mean_over_ulysses, ulysses_heads
+from .parallel import UlyssesTokens, check_parallel, context_parallel, mean_over_ulysses, ulysses_heads
 
 __all__ = ["DenseConfig", "SparseAttentionHandle", "apply_sparse_attention", "make_config"]
 
@@ -116,7 +116,8 @@ class _SparseProcessor:
 
     def _call(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary: dict):
         config = self.state.sparse_config(self.layer_idx)
-        if config is None:
+        parallel = context_parallel(self.original) is not None
+        if config is None and not parallel:  # under Ulysses vzoo orders the tokens of dense calls too
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **rotary)
         check_parallel(self.original)
         caught = []
@@ -132,15 +133,25 @@ class _SparseProcessor:
         return out
 
     def _attend(self, config, func, args, kwargs):
+        """One caught SDPA call: ``config`` (None: the stock SDPA) on the whole sequence in one-process
+        order; under Ulysses the call's tokens are put in that order first (:class:`UlyssesTokens`)."""
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
         call = dict(zip(names, args)) | kwargs
         if call.get("dropout_p", 0.0) or call.get("is_causal", False):
             self.state.warn_once("dropout or causal attention")
             return func(*args, **kwargs)
-        q, k = call["query"], call["key"]
+        share = ulysses_heads(self.original)
+        tokens = None
+        q, k, v = call.pop("query"), call.pop("key"), call.pop("value")
+        if share is not None:
+            tokens = UlyssesTokens(self.original, math.prod(self.state.grid), self.state.adapter.text_first, self.state.adapter.gathers)
+            q, k, v = tokens.into(q), tokens.into(k), tokens.into(v)
+        out = func(q, k, v, **call) if config is None else self._sparse(config, func, q, k, v, call, share)
+        return out if tokens is None else tokens.back(out)
+
+    def _sparse(self, config, func, q, k, v, call: dict, share: tuple[int, int] | None):
         generator = seeded_generator(getattr(config, "seed", None), q.device, self.state.generators)
         offsets = None
-        share = ulysses_heads(self.original)
         if isinstance(config, PSAConfig) and share is not None:  # draw for every head, as one process does
             rank, degree = share
             drawn = psa_offsets(q.shape[0], (q.shape[1] * degree, k.shape[1] * degree), config, q.device, generator)
@@ -149,18 +160,15 @@ class _SparseProcessor:
         try:
             with shared:  # under Ulysses the dense fallback is decided on the density of all heads
                 out, density, dense = video_attention(
-                    q, k, call["value"], call.get("attn_mask"), call.get("scale"),
+                    q, k, v, call.get("attn_mask"), call.get("scale"),
                     grid=self.state.grid, layer_idx=self.layer_idx, config=config, text_first=self.state.adapter.text_first,
                     generator=generator, offsets=offsets,
                 )
         except Unsupported as why:
-            if isinstance(why, TokenCountMismatch) and context_parallel(self.original) is not None:
-                raise RuntimeError(
-                    f"vzoo sparse attention under context parallelism: {why}; this rank holds only a slice of the "
-                    "sequence, so attending to it would be wrong (vzoo needs Ulysses, which gathers every token)"
-                ) from None
+            if isinstance(why, TokenCountMismatch) and share is not None:
+                raise RuntimeError(f"vzoo sparse attention under context parallelism: {why}") from None
             self.state.warn_once(str(why))
-            return func(*args, **kwargs)
+            return func(q, k, v, **call)
         self.state.stats.add(density, dense)
         return out
 
@@ -240,12 +248,19 @@ def apply_sparse_attention(
         layers = adapter.self_attention(transformer)
         if any(isinstance(attn.processor, _SparseProcessor) for _, attn in layers):
             raise RuntimeError(f"{type(transformer).__name__} already has vzoo sparse attention; remove() it first")
-        for _, attn in layers:
-            check_parallel(attn.processor)
         state = _State(adapter, config, scheduler, num_inference_steps)
+        parallel = getattr(transformer, "_parallel_config", None)
+        parallel = parallel if getattr(parallel, "context_parallel_config", None) is not None else None
+        wrappers = []
+        for layer_idx, attn in layers:
+            wrapper = _PROCESSORS[adapter.rotary_arg](attn.processor, layer_idx, state)
+            if parallel is not None and context_parallel(wrapper) is None:
+                wrapper._parallel_config = parallel  # a processor enable_parallelism skips (CogVideoX's)
+            check_parallel(wrapper)
+            wrappers.append((attn, wrapper))
         handle._states.append(state)
         handle._hooks.append(transformer.register_forward_pre_hook(state.pre_forward, with_kwargs=True))
-        for layer_idx, attn in layers:
+        for attn, wrapper in wrappers:
             handle._restore.append((attn, attn.processor))
-            attn.set_processor(_PROCESSORS[adapter.rotary_arg](attn.processor, layer_idx, state))
+            attn.set_processor(wrapper)
     return handle

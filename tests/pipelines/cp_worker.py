@@ -46,7 +46,7 @@ def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for family in tiny_models.CONTEXT_PARALLEL_FAMILIES:
+    for family in sys.argv[5:] or tiny_models.CONTEXT_PARALLEL_FAMILIES:
         for method in CASES:
             for order in ("cp_first", "vzoo_first"):
                 result = run(family, method, order, world, 1)

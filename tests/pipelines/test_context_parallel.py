@@ -154,7 +154,7 @@ def test_generate_with_ulysses_matches_one_process(tmp_path, capsys, monkeypatch
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    assert "per rank" in run.stdout and run.stdout.count("wrote ") == 1
+    assert "per rank" in run.stdout and run.stdout.count("wrote ") == 1, run.stdout + run.stderr[-4000:]
     one, two = _frames(tmp_path / "one.gif"), _frames(tmp_path / "two.gif")
     assert len(one) == len(two) == 13
     assert max(int(np.abs(a - b).max()) for a, b in zip(one, two)) <= 1

@@ -123,9 +123,9 @@ def pipeline(family: str):
     return pipe, kw | common, 1  # CFG batched
 
 
-# Context parallelism (Ulysses over two gloo processes): the families diffusers 0.42 gives a plan, the
-# configs compared with one process. Text lengths are even, so the plans can split them in two.
-CONTEXT_PARALLEL_FAMILIES = ("wan", "ltx")
+# Context parallelism (Ulysses over two gloo processes): the families and the configs compared with one
+# process. Text lengths are even, so the plans can split them in two.
+CONTEXT_PARALLEL_FAMILIES = ("wan", "ltx", "hunyuanvideo", "cogvideox")
 
 
 def _context_parallel_cases() -> dict:
@@ -147,13 +147,17 @@ CONTEXT_PARALLEL_CASES = _context_parallel_cases()
 
 
 def context_parallel_model(family: str):
-    """The tiny ``family`` model and inputs, seeded, with 6 text tokens. LTX's text mask is ``None``:
-    diffusers 0.42 does not split an attention mask by heads under Ulysses (its cross-attention fails
-    with the mask, dense or not)."""
+    """The tiny ``family`` model and inputs, seeded, with 6 text tokens (HunyuanVideo: the last one
+    padding). LTX's text mask is ``None``: diffusers 0.42 does not split an attention mask by heads
+    under Ulysses (its cross-attention fails with the mask, dense or not)."""
     torch.manual_seed(0)
     model, inputs = FAMILIES[family]()
     text = torch.randn(1, 6, inputs["encoder_hidden_states"].shape[-1])
     inputs["encoder_hidden_states"] = text
-    if "encoder_attention_mask" in inputs:
+    if family == "ltx":
         inputs["encoder_attention_mask"] = None  # given (the plan looks it up), but no mask
+    if family == "hunyuanvideo":
+        inputs["encoder_attention_mask"] = torch.tensor([[True] * 5 + [False]])  # a padded text token
+    if family == "cogvideox":  # rotary tables of the video tokens, passed by the pipeline (split by the plan)
+        inputs["image_rotary_emb"] = (torch.randn(256, 16), torch.randn(256, 16))
     return model, inputs
