@@ -94,8 +94,8 @@ def _generate(args: argparse.Namespace) -> int:
     from vzoo.pipelines import apply_sparse_attention, make_config
 
     out = Path(args.out)
-    if out.suffix.lower() not in (".mp4", ".gif"):
-        raise ValueError(f"--out {out} must end in .mp4 or .gif")
+    if out.suffix.lower() not in (".mp4", ".gif", ".png"):
+        raise ValueError(f"--out {out} must end in .mp4, .gif or .png")
     if not (Path(args.model) / "model_index.json").is_file():
         raise ValueError(f"--model {args.model} is not a diffusers pipeline folder (no model_index.json)")
     rank = _start_ulysses(args.ulysses) if args.ulysses > 1 else 0
@@ -123,6 +123,9 @@ def _generate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".gif":
         write_atomic(out, lambda tmp: export_to_gif(frames, str(tmp), fps=args.fps))
+    elif out.suffix.lower() == ".png":  # animated PNG: lossless frames
+        duration = round(1000 / args.fps)
+        write_atomic(out, lambda tmp: frames[0].save(tmp, format="PNG", save_all=True, append_images=frames[1:], duration=duration, loop=0))
     else:
         write_atomic(out, lambda tmp: export_to_video(frames, str(tmp), fps=args.fps))
     density = "dense" if handle.density is None else (
@@ -358,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_POSITIVE, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--fps", type=_POSITIVE, default=16)
-    gen.add_argument("--out", required=True, metavar="FILE", help=".mp4 or .gif")
+    gen.add_argument("--out", required=True, metavar="FILE", help=".mp4, .gif or .png (animated, lossless)")
     gen.add_argument("--ulysses", type=_POSITIVE, default=1, metavar="N",
                      help="context parallelism over N processes (under torchrun --nproc_per_node N; rank 0 writes the video)")
     gen.set_defaults(func=_generate)
