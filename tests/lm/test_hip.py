@@ -23,6 +23,8 @@ def _oracle_select(q, k, cfg: HiPConfig, keys=None) -> torch.Tensor:
     b, h, sq, _ = q.shape
     skv, g = k.shape[2], h // k.shape[1]
     bq, bk, top = cfg.block_q, cfg.block_k, cfg.topk
+    unit = cfg.unit_size()
+    per, kept_units = bk // unit, cfg.topk * (bk // unit)
     nqb, nkb = -(-sq // bq), -(-skv // bk)
     out = torch.zeros(b, h, nqb, nkb, dtype=torch.bool)
     for bi in range(b):
@@ -31,29 +33,33 @@ def _oracle_select(q, k, cfg: HiPConfig, keys=None) -> torch.Tensor:
                 rows = range(i * bq, min((i + 1) * bq, sq))
                 real = [t for t in rows if keys is None or keys[bi, skv - sq + t]]
                 diag = (skv - sq + rows[-1]) // bk
-                n = max(diag - cfg.local + 1 - cfg.sink, 0)
-                cut = [cfg.sink + m * n // (2 * top) for m in range(2 * top + 1)]
+                n = max(diag - cfg.local + 1 - cfg.sink, 0) * per  # candidate units
+                cut = [cfg.sink * per + m * n // (2 * kept_units) for m in range(2 * kept_units + 1)]
                 chunks = list(zip(cut[:-1], cut[1:]))
                 while True:
                     scored = []
                     for lo, hi in chunks:
-                        rep = (lo + hi) * bk // 2  # the centre key, or the row's first real one past the left padding
+                        rep = (lo + hi) * unit // 2  # the centre key, or the row's first real one past the left padding
                         if keys is not None:
                             rep = max(rep, min(t for t in range(skv) if keys[bi, t]))
-                        if hi <= lo or rep >= hi * bk or not real or (keys is not None and not keys[bi, rep]):
+                        if hi <= lo or rep >= hi * unit or not real or (keys is not None and not keys[bi, rep]):
                             continue
                         kc = k[bi, hh // g, rep].double()
                         dots = [float(q[bi, hh, t].double() @ kc) for t in real]
                         mean = float(torch.stack([q[bi, hh, t].double() for t in real]).mean(0) @ kc)
                         scored.append((max(dots) if cfg.query_score == "max" else mean, lo, hi))
-                    kept = sorted(scored, key=lambda s: (-s[0], s[1]))[:top]
+                    kept = sorted(scored, key=lambda s: (-s[0], s[1]))[:kept_units]
                     if all(hi - lo == 1 for _, lo, hi in kept):
                         break
                     chunks = []
                     for _, lo, hi in sorted(kept, key=lambda s: s[1]):
                         mid = lo + (hi - lo + 1) // 2
                         chunks += [(lo, mid), (mid, hi)]
-                picked = {lo for _, lo, _ in kept} | set(range(min(cfg.sink, diag + 1)))
+                blocks = {}  # each block scores as its best kept unit; the topk best blocks (ties: the earlier)
+                for sc, lo, _ in kept:
+                    blocks[lo // per] = max(blocks.get(lo // per, -math.inf), sc)
+                best = sorted(blocks, key=lambda j: (-blocks[j], j))[:top]
+                picked = set(best) | set(range(min(cfg.sink, diag + 1)))
                 picked |= set(range(max(diag - cfg.local + 1, 0), diag + 1))
                 out[bi, hh, i, sorted(picked)] = True
     return out
@@ -67,6 +73,11 @@ CASES = [  # sq, skv, config, integer inputs (many ties), left padding
     (1, 93, HiPConfig(block_q=4, block_k=4, topk=3, sink=1, local=1), True, False),  # one decoding step
     (64, 64, HiPConfig(block_q=4, block_k=4, topk=2, sink=1, local=1), False, True),
     (64, 64, HiPConfig(block_q=4, block_k=2, topk=2, sink=1, local=1, query_score="mean"), False, True),
+    # pruning units finer than the key blocks (the paper's small b_k): the hierarchy runs over units of 2
+    (61, 61, HiPConfig(block_q=4, block_k=4, topk=2, sink=1, local=1, unit=2), True, False),
+    (70, 70, HiPConfig(block_q=8, block_k=8, topk=2, sink=1, local=2, unit=2, query_score="mean"), False, False),
+    (1, 93, HiPConfig(block_q=4, block_k=4, topk=3, sink=1, local=1, unit=1), False, False),
+    (64, 64, HiPConfig(block_q=4, block_k=4, topk=2, sink=1, local=1, unit=2), False, True),
 ]
 
 
@@ -154,17 +165,43 @@ def test_planted_high_score_block_is_found(score):
     assert not chosen[:, :, 20:, 2:10].any()  # far, low-scoring blocks stay pruned
 
 
+@pytest.mark.parametrize("centre", [389, 397, 410])
+def test_narrow_needle_found_with_units_finer_than_blocks(centre):
+    """Regression (passkey on SmolLM2 failed): a needle a few keys wide inside a block of 32 is missed when
+    one centre key stands for a whole block or chunk of blocks (``unit = block_k``), and found by the
+    pruning over units of 2 keys (the paper's ``b_k``) with the same ``topk`` and density."""
+    gen = torch.Generator().manual_seed(5)
+    u = torch.nn.functional.normalize(torch.randn(16, generator=gen), dim=0)
+    t = torch.arange(1024, dtype=torch.float32)
+    q = u + 0.1 * torch.randn(1, 2, 1024, 16, generator=gen)
+    for c in (389, 390, 397, 403, 410):  # the same draws as when the cases were picked
+        k = 0.3 * torch.randn(1, 1, 1024, 16, generator=gen) + u * (6 * torch.exp(-(t - c).abs() / 2))[:, None]
+        if c == centre:
+            break
+    nb = centre // 32
+    found = {}
+    for unit in (32, 2):
+        chosen = hip_select(q, k, HiPConfig(block_q=32, block_k=32, topk=2, sink=1, local=2, unit=unit))
+        assert torch.equal(chosen.sum(-1), hip_select(q, k, HiPConfig(block_q=32, block_k=32, topk=2, sink=1, local=2,
+                                                                      unit=32)).sum(-1))  # same block count
+        found[unit] = chosen[0, :, nb + 3 :, nb].float().mean().item()
+    assert found[2] > 0.95 and found[32] < 0.5
+
+
 def test_default_density_at_8k_and_selection_count():
     cfg = HiPConfig()
     gen = torch.Generator().manual_seed(2)
     q, k = torch.randn(1, 1, 8192, 8, generator=gen), torch.randn(1, 1, 8192, 8, generator=gen)
     chosen = hip_select(q, k, cfg)
-    diag = torch.arange(128)
-    assert torch.equal(chosen.sum(-1)[0, 0], (diag + 1).clamp_max(cfg.topk + cfg.sink + cfg.local))
-    assert chosen[..., 0].all() and chosen[0, 0, diag, diag].all() and chosen[0, 0, diag[1:], diag[:-1]].all()
-    density = BlockSparseLayout.from_block_mask(chosen, 64, 64, 8192, 8192).density(causal=True)  # what is recorded
-    s, n, b = cfg.topk + cfg.sink + cfg.local, 128, 64  # row i: min(i + 1, s) blocks, its diagonal one half full
-    want = sum((min(i + 1, s) - 1) * b * b + b * (b + 1) / 2 for i in range(n)) / (n * b * (n * b + 1) / 2)
+    nqb, s = 8192 // cfg.block_q, cfg.topk + cfg.sink + cfg.local
+    diag = ((torch.arange(nqb) + 1) * cfg.block_q - 1) // 64  # the key block of each query block's last query
+    assert torch.equal(chosen.sum(-1)[0, 0], (diag + 1).clamp_max(s))
+    rows = torch.arange(nqb)
+    assert chosen[..., 0].all() and chosen[0, 0, rows, diag].all() and chosen[0, 0, rows[4 * 64 // cfg.block_q:],
+                                                                             diag[4 * 64 // cfg.block_q:] - 1].all()
+    density = BlockSparseLayout.from_block_mask(chosen, cfg.block_q, 64, 8192, 8192).density(causal=True)  # recorded
+    t = torch.arange(8192)  # query t: its selected blocks before the diagonal in full, the diagonal up to t
+    want = (((t // 64 + 1).clamp_max(s) - 1) * 64 + t % 64 + 1).sum().item() / (8192 * 8193 / 2)
     assert math.isclose(density, want, rel_tol=1e-9) and 0.4 < density < 0.5  # 0.44 with the defaults
 
 
@@ -190,7 +227,7 @@ def test_sliding_window_model_equals_eager_with_every_block():
 
 @pytest.mark.parametrize("field, value", [
     ("block_q", 0), ("block_k", 0), ("topk", 0), ("sink", -1), ("local", 0), ("query_score", "min"),
-    ("layers", (-1,)), ("dense_fallback", 1), ("block_k", True),
+    ("layers", (-1,)), ("dense_fallback", 1), ("block_k", True), ("unit", 0), ("unit", 24), ("unit", 2.0),
 ])
 def test_bad_configs_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"HiPConfig.{field}"):

@@ -64,21 +64,22 @@ def _selection_oracle(q, k, valid, cfg: ProxyAttnConfig, scale):
             kp = torch.stack([kx[bi, h] for h in heads]).mean(0)
             proxy = _block_oracle(qp, kp, v, bs, cfg.window, cfg.aggregate, scale)
             for h in heads:
-                mass = _block_oracle(q[bi, h].double(), kx[bi, h], v, bs, cfg.budget_window, "sum", scale)
+                mass = _block_oracle(q[bi, h].double(), kx[bi, h], v, bs, min(cfg.budget_window, bs), "sum", scale)
                 for i in range(nb):
                     cands = [j for j in range(i + 1) if has_key[j]]
                     forced = [j for j in range(i + 1) if i - cfg.local_blocks < j or first <= j < first + cfg.sink_blocks]
+                    others = sorted((j for j in cands if j not in forced), key=lambda j: -proxy[i, j].item())
                     if cfg.gamma >= 1:
-                        budget = len(cands)
-                    else:
-                        cum, budget = 0.0, len(cands)
-                        for n, m in enumerate(sorted((mass[i, j].item() for j in range(nb)), reverse=True), 1):
+                        budget = len(others)
+                    else:  # the forced blocks' mass first, then the largest other masses until gamma
+                        cum, budget = sum(mass[i, j].item() for j in forced), len(others)
+                        rest = sorted((mass[i, j].item() for j in others), reverse=True)
+                        for n, m in enumerate([0.0] + rest):
                             cum += m
                             if cum >= cfg.gamma:
-                                budget = min(n, len(cands))
+                                budget = min(n, len(others))
                                 break
-                    others = sorted((j for j in cands if j not in forced), key=lambda j: -proxy[i, j].item())
-                    for j in forced + others[: max(0, budget - len(forced))]:
+                    for j in forced + others[:budget]:
                         chosen[bi, h, i, j] = True
     return chosen
 
@@ -114,7 +115,8 @@ def test_block_scores_match_loops_with_gqa_and_padding(aggregate):
 
 
 def test_select_blocks_matches_loops():
-    """Ranking by the group proxy, budgets from the head's sorted cumulative mass, forced blocks first."""
+    """Ranking by the group proxy; forced blocks always, plus as many others as the head's largest other
+    masses need to bring the forced blocks' mass up to gamma."""
     gen = torch.Generator().manual_seed(2)
     nb = 7
     proxy = torch.rand(1, 2, nb, nb, generator=gen)
@@ -127,18 +129,42 @@ def test_select_blocks_matches_loops():
             for i in range(nb):
                 cands = [j for j in range(1, i + 1)]
                 forced = [j for j in range(i + 1) if j > i - 2 or j == 1]
-                cum = mass[0, h, i].sort(descending=True).values.cumsum(0)
-                budget = len(cands) if gamma >= 1 else min(int((cum < gamma).sum()) + 1, len(cands))
                 others = sorted((j for j in cands if j not in forced), key=lambda j: -proxy[0, h // 2, i, j].item())
-                want = set(forced) | set(others[: max(0, budget - len(forced))])
+                covered = sum(mass[0, h, i, j].item() for j in forced)
+                cum = covered + torch.tensor([mass[0, h, i, j].item() for j in others]).sort(descending=True).values.cumsum(0)
+                if gamma >= 1:
+                    budget = len(others)
+                elif covered >= gamma:
+                    budget = 0
+                else:
+                    budget = min(int((cum < gamma).sum()) + 1, len(others))
+                want = set(forced) | set(others[:budget])
                 assert set(torch.nonzero(got[0, h, i]).flatten().tolist()) == want
     assert not got[..., 2:, 0].any()  # the padding block 0 is no candidate; only local windows reaching it keep it
+
+
+def test_forced_blocks_do_not_use_up_the_budget():
+    """Regression: a retrieval head whose mass sits on one remote block (plus sink and local) keeps that
+    block. The budget used to count the forced (sink + local) blocks, so with ``local_blocks`` larger
+    than the head's budget the remote block was never added (passkey failed on SmolLM2)."""
+    nb = 12
+    proxy = torch.zeros(1, 1, nb, nb)
+    proxy[..., 4] = 1.0  # the group ranks the needle block 4 first
+    mass = torch.zeros(1, 1, nb, nb)
+    mass[0, 0, :, 0] = 0.05  # sink
+    mass[0, 0, :, 4] = 0.9  # needle
+    mass[0, 0] += torch.eye(nb) * 0.05  # diagonal
+    mass[0, 0, :4] = torch.eye(nb)[:4]  # early rows: only their diagonal
+    got = select_blocks(proxy, mass, 0.98, torch.tensor([0]), 1, 4)
+    assert got[0, 0, 11].nonzero().flatten().tolist() == [0, 4, 8, 9, 10, 11]
+    assert got[0, 0, 8].nonzero().flatten().tolist() == [0, 4, 5, 6, 7, 8]
+    assert got[0, 0, 3].nonzero().flatten().tolist() == [0, 1, 2, 3]  # mass covered by the forced blocks: no extra
 
 
 @pytest.mark.parametrize(
     "cfg",
     [
-        ProxyAttnConfig(block_size=8, window=3, gamma=0.6, local_blocks=1),
+        ProxyAttnConfig(block_size=8, window=3, gamma=0.8, local_blocks=1),
         ProxyAttnConfig(block_size=8, window=8, groups=1, aggregate="max", gamma=0.8, budget_window=2, local_blocks=2),
         ProxyAttnConfig(block_size=8, window=2, groups=4, gamma=0.5, sink_blocks=0, local_blocks=1),
     ],
@@ -241,3 +267,12 @@ def test_bad_configs_and_groups(lm):
     model = lm.make()
     with apply_sparse_attention(model, ProxyAttnConfig(groups=3)), pytest.raises(ValueError, match="ProxyAttnConfig.groups=3"):
         model(torch.randint(0, 97, (1, 20)))  # 3 proxies for 4 query heads
+
+
+def test_budget_window_is_capped_at_the_block_size():
+    """The default ``budget_window=8`` works with smaller blocks: it uses the whole block."""
+    q, k, _, valid = _inputs(4, s=30, pad=5)
+    got = proxy_selection(ProxyAttnConfig(block_size=4, window=2, gamma=0.7, local_blocks=1), q, k, valid, 0.25)
+    want = proxy_selection(ProxyAttnConfig(block_size=4, window=2, gamma=0.7, local_blocks=1, budget_window=4), q, k,
+                           valid, 0.25)
+    assert torch.equal(got, want)
