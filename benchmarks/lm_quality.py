@@ -98,6 +98,8 @@ def run(a: argparse.Namespace) -> list[QualityRow]:
                 except Exception as e:  # one broken method must not lose the others' hours of measurements
                     traceback.print_exc()
                     results.append(QualityRow(row.label, n, error=f"{type(e).__name__}: {e}"[:200]))
+                # the rows so far, so an interrupted run keeps what it measured
+                write_atomic(a.out, lambda tmp: tmp.write_text(format_table(results, "partial: run in progress")))
     return results
 
 
@@ -119,6 +121,7 @@ def main() -> None:
     if a.quick:
         a.lengths, a.probes = [2048], 3
     begin = time.perf_counter()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     rows = run(a)
     title = (f"SmolLM2-135M-Instruct (fp32, CPU, {torch.get_num_threads()} threads, load average "
              f"{os.getloadavg()[0]:.1f}): perplexity over the last half of each window of pydoc_data.topics; passkey "
@@ -127,7 +130,6 @@ def main() -> None:
              f"timed in alternation. Total {time.perf_counter() - begin:.0f} s.")
     table = format_table(rows, title)
     print(table)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(a.out, lambda tmp: tmp.write_text(table))
     plot_rows(rows, a.out.with_suffix(".png"))
     print(f"wrote {a.out} and {a.out.with_suffix('.png')}", file=sys.stderr)
