@@ -83,3 +83,16 @@ def test_lazy_attributes_resolve_and_unknown_ones_raise(tmp_path):
     out = _run("import vzoo; print(vzoo.ContMix.__module__, vzoo.VMoBAConfig.__module__, 'ContMix' in vzoo.__all__)\n"
                  "try:\n    vzoo.NoSuchThing\nexcept AttributeError as e:\n    print('AttributeError', e)", tmp_path)
     assert out.splitlines() == ["vzoo.overlock vzoo.vmoba True", "AttributeError module 'vzoo' has no attribute 'NoSuchThing'"]
+
+
+def test_tasks_find_vzoo_models_when_timm_came_in_with_a_vzoo_module(tmp_path):
+    """``import vzoo.overlock`` imports timm while a vzoo module initialises, so the import hook cannot
+    register vzoo's timm models then; code of vzoo that builds them by name (tasks, ``vzoo bench``)
+    registers them itself (``vzoo bench --quick`` failed with "Unknown model (biformer_tiny)")."""
+    code = (
+        "import vzoo.overlock, timm\n"
+        "from vzoo.tasks.reid import ReIDModel\n"
+        "m = ReIDModel('biformer_tiny', num_classes=3)\n"
+        "print(type(m.backbone).__name__)\n"
+    )
+    assert _run(code, tmp_path) == "BiFormer"
