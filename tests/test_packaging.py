@@ -87,8 +87,8 @@ def test_lazy_attributes_resolve_and_unknown_ones_raise(tmp_path):
 
 def test_tasks_find_vzoo_models_when_timm_came_in_with_a_vzoo_module(tmp_path):
     """``import vzoo.overlock`` imports timm while a vzoo module initialises, so the import hook cannot
-    register vzoo's timm models then; code of vzoo that builds them by name (tasks, ``vzoo bench``)
-    registers them itself (``vzoo bench --quick`` failed with "Unknown model (biformer_tiny)")."""
+    register vzoo's timm models then; the module registers them as its last line (``vzoo bench --quick``
+    failed with "Unknown model (biformer_tiny)" before)."""
     code = (
         "import vzoo.overlock, timm\n"
         "from vzoo.tasks.reid import ReIDModel\n"

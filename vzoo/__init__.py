@@ -36,19 +36,20 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _initializing() -> bool:
-    """Whether some vzoo module is being imported right now (its import may have pulled timm in)."""
+def _initializing(finished: str | None) -> bool:
+    """Whether some vzoo module other than ``finished`` (whose body has run) is being imported right now
+    (its import may have pulled timm in)."""
     return any(
         getattr(getattr(m, "__spec__", None), "_initializing", False)
-        for n, m in list(sys.modules.items()) if n.startswith(f"{__name__}.")
+        for n, m in list(sys.modules.items()) if n.startswith(f"{__name__}.") and n != finished
     )
 
 
-def register_timm_models() -> None:
+def register_timm_models(finished: str | None = None) -> None:
     """Register vzoo's timm models (import :mod:`vzoo.backbones`) if timm is loaded and no vzoo module
-    is half imported (registering then would import it circularly; the import that finishes it calls
-    this again)."""
-    if "timm" in sys.modules and f"{__name__}.backbones" not in sys.modules and not _initializing():
+    is half imported (registering then would import it circularly). The vzoo modules that import timm
+    call this as their last line with ``finished=__name__``, so the models register however timm came in."""
+    if "timm" in sys.modules and f"{__name__}.backbones" not in sys.modules and not _initializing(finished):
         importlib.import_module(f"{__name__}.backbones")
 
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import is_exportable, is_scriptable, register_notrace_module
 
+import vzoo
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 from vzoo.map_layout import Layout, check_layout, check_map, to_layout
 from vzoo.registry import Method, register_method
@@ -192,3 +193,6 @@ register_method(
         status="exact to the official code (golden fixtures, dense backbones included); timm biformer_tiny/small/base",
     )
 )
+
+
+vzoo.register_timm_models(finished=__name__)  # this module brought timm in: vzoo's timm models can register now

@@ -39,7 +39,7 @@ def _list(_: argparse.Namespace) -> int:
 def _bench_backbones(args: argparse.Namespace, device: str) -> None:
     import timm
 
-    import vzoo.backbones  # noqa: F401  (registers vzoo's timm models even if timm came in with a vzoo module)
+    import vzoo  # noqa: F401  (registers the timm models)
     from vzoo.bench import backbone_rows, format_models
 
     groups = {  # each vzoo model next to timm models of similar FLOPs

@@ -12,6 +12,8 @@ from typing import Literal, get_args
 import torch
 from timm.layers import register_notrace_function
 
+import vzoo
+
 __all__ = ["Layout", "LAYOUTS", "check_layout", "check_map", "to_layout"]
 
 Layout = Literal["NCHW", "NHWC"]
@@ -42,3 +44,6 @@ def to_layout(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
     if src == dst:
         return x
     return x.permute(0, 2, 3, 1) if dst == "NHWC" else x.permute(0, 3, 1, 2)
+
+
+vzoo.register_timm_models(finished=__name__)  # this module brought timm in: vzoo's timm models can register now

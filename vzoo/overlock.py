@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, is_exportable, is_scriptable, register_notrace_module, trunc_normal_
 
+import vzoo
 from vzoo.kernels import neighborhood_aggregate, neighborhood_aggregate_plain, neighborhood_rpb_index
 from vzoo.map_layout import Layout, check_layout, check_map, to_layout
 from vzoo.registry import Method, register_method
@@ -507,3 +508,6 @@ register_method(
         status="exact to the official code (golden fixtures, dense backbones included); timm models overlock_xt/t/s/b",
     )
 )
+
+
+vzoo.register_timm_models(finished=__name__)  # this module brought timm in: vzoo's timm models can register now

@@ -104,8 +104,6 @@ class TimmFPNBackbone(nn.Module):
     def __init__(self, name: str, out_indices: tuple[int, ...] = (1, 2, 3), pretrained: bool = False, retinanet: bool = False) -> None:
         super().__init__()
         import timm
-
-        import vzoo.backbones  # noqa: F401  (vzoo's timm models, however timm was first imported)
         from torchvision.ops import FeaturePyramidNetwork
         from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 

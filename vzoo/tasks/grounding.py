@@ -94,8 +94,6 @@ class GroundingModel(nn.Module):
         super().__init__()
         import timm
 
-        import vzoo.backbones  # noqa: F401  (vzoo's timm models, however timm was first imported)
-
         self.norm = nn.InstanceNorm2d(3, track_running_stats=True)  # the official input normalisation
         self.body = timm.create_model(backbone, features_only=True, pretrained=pretrained)
         chans = self.body.feature_info.channels()

@@ -150,8 +150,6 @@ class ReIDModel(nn.Module):
         super().__init__()
         import timm
 
-        import vzoo.backbones  # noqa: F401  (vzoo's timm models, however timm was first imported)
-
         from vzoo.reid_attention import insert_attention, parse_placement
 
         self.backbone = timm.create_model(backbone, pretrained=pretrained, num_classes=0, **backbone_kwargs)
