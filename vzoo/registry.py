@@ -53,6 +53,22 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("reference", "torch"),
     ),
     "merge_attention_states": ("exact log-sum-exp merge of partial attention results", ("torch",)),
+    "lightning_attention": (
+        "causal linear attention with per-head decay, chunked (Lightning-2) or left-product tiled (Lightning-1)",
+        ("reference", "torch", "triton"),
+    ),
+    "local_linear_attention": (
+        "local linear regression attention: streamed closed form with conjugate gradients (LLA)",
+        ("reference", "torch"),
+    ),
+    "rat_attention": (
+        "chunk-reset gated recurrence plus softmax attention over chunk summaries (RAT)",
+        ("reference", "torch"),
+    ),
+    "neural_memory": (
+        "test-time-trained MLP memory: mini-batch gradients, momentum and decay as a scan (Titans)",
+        ("reference", "torch"),
+    ),
     "neighborhood_aggregate": (
         "per-pixel weighted k x k neighbourhood sum, NATTEN border rule (ContMix dynamic kernels)",
         ("reference", "torch", "triton"),

@@ -1,0 +1,177 @@
+"""Titans neural memory: every backend against a float64 token loop written here (autograd gradients of the
+MLP loss), forward and gradients, fp32 and fp16; the delta rule, alpha = 1, memorisation, causality,
+prefill + decode == one pass, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vzoo.kernels.titans import MemoryState, neural_memory, neural_memory_step
+
+BACKENDS = ("naive", "chunk", "recurrent")
+
+
+def mlp(ws, x, residual):
+    h = x
+    for i, w in enumerate(ws):
+        h = torch.einsum("boi,bi->bo", w, h)
+        if i < len(ws) - 1:
+            h = torch.nn.functional.gelu(h)
+    return h + x if residual else h
+
+
+def loop(q, k, v, lr, eta, alpha, ws, b, residual=False):
+    """float64; token t reads the weights of its mini-batch's start; each gradient is taken there."""
+    q, k, v, lr, eta, alpha = (t.double() for t in (q, k, v, lr, eta, alpha))
+    ws = [w.double() if w.requires_grad else w.double().requires_grad_() for w in ws]  # autograd.grad needs a graph
+    start, mom = list(ws), [torch.zeros_like(w) for w in ws]
+    ys = []
+    for t in range(q.shape[1]):
+        if t % b == 0:
+            start = list(ws)
+        ys.append(mlp(start, q[:, t], residual))
+        loss = (mlp(start, k[:, t], residual) - v[:, t]).pow(2).sum()
+        grads = torch.autograd.grad(loss, start, create_graph=True)
+        for i, g in enumerate(grads):
+            mom[i] = eta[:, t, None, None] * mom[i] - lr[:, t, None, None] * g
+            ws[i] = (1 - alpha[:, t, None, None]) * ws[i] + mom[i]
+    return torch.stack(ys, 1), ws, mom
+
+
+def inputs(bsz=2, t=11, d=6, hidden=(8,), dv=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or d
+    q, k = torch.randn(2, bsz, t, d, generator=g).unbind(0)
+    v = torch.randn(bsz, t, dv, generator=g)
+    lr = 0.05 * torch.rand(bsz, t, generator=g)
+    eta, alpha = torch.rand(bsz, t, generator=g), 0.2 * torch.rand(bsz, t, generator=g)
+    dims = (d, *hidden, dv)
+    ws = tuple(torch.randn(bsz, o, i, generator=g) / i**0.5 for i, o in zip(dims[:-1], dims[1:]))
+    return [q, k, v, lr, eta, alpha], ws
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
+def close(a, b, tol):
+    return (a.double() - b.double()).abs().max().item() <= 1e-6 or rel_rms(a, b) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_delta_rule(backend):
+    """Linear memory, eta = alpha = 0, batch_size 1: W <- W - 2 theta (W k - v) k^T, token after token."""
+    (q, k, v, lr, _, _), (w,) = inputs(t=5, hidden=())
+    zero = torch.zeros_like(lr)
+    y, state = neural_memory(q, k, v, lr, zero, zero, (w,), output_final_state=True, backend=backend)
+    want = w.clone()
+    for t in range(5):
+        assert torch.allclose(y[:, t], torch.einsum("boi,bi->bo", want, q[:, t]), atol=1e-5)
+        err = torch.einsum("boi,bi->bo", want, k[:, t]) - v[:, t]
+        want = want - 2 * lr[:, t, None, None] * err[:, :, None] * k[:, t, None, :]
+    assert (state.weights[0] - want).abs().max() < 1e-5
+    assert state.offset == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b", [1, 4])
+@pytest.mark.parametrize("hidden,residual", [((), False), ((8,), False), ((8,), True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_loop_with_gradients(backend, b, hidden, residual, dtype):
+    xs, ws = inputs(hidden=hidden, seed=b)
+    weight = torch.randn(2, 11, 6, generator=torch.Generator().manual_seed(9))
+    leaves = [t.to(dtype).requires_grad_() for t in (*xs, *ws)]
+    y, state = neural_memory(*leaves[:6], tuple(leaves[6:]), batch_size=b, residual=residual, output_final_state=True,
+                             backend=backend)
+    assert y.dtype == dtype and all(w.dtype == torch.float32 for w in state.weights)
+    loss = (y.float() * weight).sum() + sum((w * w).sum() for w in state.weights + state.momentum)
+    got = torch.autograd.grad(loss, leaves)
+
+    ref = [t.detach().double().requires_grad_() for t in (*xs, *ws)]
+    y_ref, w_ref, m_ref = loop(*ref[:6], ref[6:], b, residual)
+    loss_ref = (y_ref * weight.double()).sum() + sum((w * w).sum() for w in w_ref + m_ref)
+    want = torch.autograd.grad(loss_ref, ref)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    assert close(y, y_ref, tol)
+    for a, c in zip(state.weights + state.momentum, w_ref + m_ref):
+        assert close(a, c, tol)
+    for i, (a, c) in enumerate(zip(got, want)):
+        assert close(a, c, tol), i
+
+
+def test_alpha_one_forgets():
+    """alpha = 1 => M_t = S_t: the weights after a token are its momentum (random eta, batch_size 4)."""
+    (q, k, v, lr, eta, _), ws = inputs(t=10)
+    _, state = neural_memory(q, k, v, lr, eta, torch.ones_like(lr), ws, batch_size=4, output_final_state=True)
+    for w, s in zip(state.weights, state.momentum):
+        assert torch.equal(w, s)
+    _, ref_w, ref_m = loop(q, k, v, lr, eta, torch.ones_like(lr), ws, 4)
+    assert all(close(a, c, 1e-5) for a, c in zip(state.weights, ref_w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memorises_one_pair(backend):
+    """Writing one (k, v) again and again with a small theta drives ||M(k) - v|| down at every step."""
+    (_, k, v, _, _, _), ws = inputs(bsz=1, t=1)
+    t = 40
+    k, v = k.expand(1, t, -1), v.expand(1, t, -1)
+    lr, eta = torch.full((1, t), 0.02), torch.full((1, t), 0.3)
+    y, _ = neural_memory(k, k, v, lr, eta, torch.zeros(1, t), ws, backend=backend)
+    err = (y - v).norm(dim=-1)[0]
+    assert (err[1:] < err[:-1]).all()
+    assert err[-1] < 0.5 * err[0]
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_causal(b):
+    """Changing token j leaves every output before j's next mini-batch untouched and changes later ones."""
+    xs, ws = inputs(t=12)
+    y, _ = neural_memory(*xs, ws, batch_size=b)
+    for j in (0, 5, 9):
+        moved = [x.clone() for x in xs]
+        for i, x in enumerate(moved[1:]):  # k, v and the gates of token j
+            x[:, j] = x[:, j] + 0.5 if i < 2 else x[:, j] * 0.5
+        y2, _ = neural_memory(*moved, ws, batch_size=b)
+        first = (j // b + 1) * b
+        assert torch.equal(y[:, :first], y2[:, :first])
+        if first < 12:
+            assert (y[:, first:] - y2[:, first:]).abs().amax() > 1e-4
+
+
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("split", [0, 1, 5, 7])
+def test_prefill_then_steps(b, split):
+    """A prefill of ``split`` tokens, then one token at a time (step and 1-token calls), equals one pass."""
+    xs, ws = inputs(t=10)
+    y, final = neural_memory(*xs, ws, batch_size=b, output_final_state=True)
+    y0, state = neural_memory(*(x[:, :split] for x in xs), ws, batch_size=b, output_final_state=True)
+    ys, other = [y0], state
+    for t in range(split, 10):
+        yt, state = neural_memory_step(*(x[:, t] for x in xs), state, b, "gelu", False)
+        yo, other = neural_memory(*(x[:, t : t + 1] for x in xs), other, batch_size=b, output_final_state=True)
+        assert torch.allclose(yo[:, 0], yt, atol=1e-5)
+        ys.append(yt[:, None])
+    assert torch.allclose(torch.cat(ys, 1), y, atol=1e-5)
+    assert state.offset == final.offset == 10 % b
+    for a, c in zip(state.weights + state.read + state.momentum, final.weights + final.read + final.momentum):
+        assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_bad_inputs():
+    xs, ws = inputs(t=4)
+    q, k, v, lr, eta, alpha = xs
+    for args, kwargs, word in (
+        ((q[0], k, v, lr, eta, alpha, ws), {}, "q must be"),
+        ((q, k, v[:, :3], lr, eta, alpha, ws), {}, "v "),
+        ((q, k, v, lr[:, :3], eta, alpha, ws), {}, "lr must be"),
+        ((q, k, v, lr, eta, alpha, ws), dict(batch_size=0), "batch_size"),
+        ((q, k, v, lr, eta, alpha, ws), dict(activation="relu"), "activation"),
+        ((q, k, v, lr, eta, alpha, ws), dict(backend="triton"), "unknown backend"),
+        ((q, k, v, lr, eta, alpha, ws[:1]), {}, "gives 8 features"),
+        ((q, k, v, lr, eta, alpha, (ws[0][:1], ws[1])), {}, r"weights\[0\]"),
+        ((q, k, v, lr, eta, alpha, MemoryState(ws, ws, ws, 3)), dict(batch_size=2), "offset"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            neural_memory(*args, **kwargs)
