@@ -9,6 +9,8 @@ from .block_max import attention_block_max
 from .block_sparse import block_sparse_attention
 from .break_even import break_even, dense_is_faster
 from .layout import BlockSparseLayout
+from .lightning import lightning_attention, lightning_attention_step, lightning_slopes
+from .lla import local_linear_attention
 from .merge import merge_attention_states
 from .neighborhood import (
     neighborhood_aggregate,
@@ -17,6 +19,8 @@ from .neighborhood import (
     neighborhood_window_start,
     neighborhood_windows,
 )
+from .rat import rat_attention, rat_step
+from .titans import neural_memory
 from .token_routed import token_routed_attention
 from .window import sink_window_attention, sink_window_layout
 
@@ -28,12 +32,19 @@ __all__ = [
     "block_sparse_attention",
     "break_even",
     "dense_is_faster",
+    "lightning_attention",
+    "lightning_attention_step",
+    "lightning_slopes",
+    "local_linear_attention",
     "merge_attention_states",
     "neighborhood_aggregate",
     "neighborhood_aggregate_plain",
     "neighborhood_rpb_index",
     "neighborhood_window_start",
     "neighborhood_windows",
+    "neural_memory",
+    "rat_attention",
+    "rat_step",
     "sink_window_attention",
     "sink_window_layout",
     "token_routed_attention",

@@ -5,22 +5,21 @@ Each query fits, by kernel-weighted ridge regression over the keys it sees, a lo
 (``omega_i = sum_j w_ij``), and outputs the intercept ``b``. Large ``lambda`` gives softmax attention;
 ``s = 0`` gives a global ridge fit. Semantics of github.com/Yifei-Zuo/FlashLLA (``flashlla/ops``).
 
-Backends: ``"naive"`` (dense closed form, ``torch.linalg.solve`` per query, :mod:`.naive`) and
-``"chunk"`` (streamed three passes with conjugate gradients, Theta(n D) forward memory, :mod:`.chunk`;
-the default). There is no Triton backend.
+Backends (vzoo's names, :mod:`vzoo.kernels.backends`): ``"reference"`` (dense closed form,
+``torch.linalg.solve`` per query, :mod:`.naive`) and ``"torch"`` (streamed three passes with conjugate
+gradients, Theta(n D) forward memory, :mod:`.chunk`; the default). There is no Triton backend.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..backends import resolve_backend
 from .chunk import lla_chunk
 from .naive import lla_naive, lla_weights
 from .recurrent import local_linear_attention_step
 
 __all__ = ["local_linear_attention", "local_linear_attention_step", "lla_weights"]
-
-BACKENDS = ("naive", "chunk")
 
 
 def local_linear_attention(
@@ -51,12 +50,13 @@ def local_linear_attention(
             ``lambda = 0`` needs at least ``D + 1`` visible keys in general position per query.
         scale: ``s`` in ``exp(s q.k)``, default ``1/sqrt(D)``.
         causal: queries see keys at positions up to their own.
-        cg_max_iters, cg_tol: conjugate gradients (``chunk``) stop per query when the residual norm is at
+        cg_max_iters, cg_tol: conjugate gradients (``torch``) stop per query when the residual norm is at
             most ``cg_tol`` times ``|mu_i|``, or after ``cg_max_iters`` iterations.
         block_size: split ``D`` into independent diagonal sub-blocks of ``Sigma`` of this size (FlashLLA's
             ``lla_block_size``); must divide ``D``; ``None`` = one block.
-        chunk_size: keys per tile of the streamed passes (``chunk``).
-        backend: ``"naive" | "chunk"`` or ``None`` (``chunk``).
+        chunk_size: keys per tile of the streamed passes (``torch``).
+        backend: ``"reference" | "torch"`` or ``None`` (the :func:`vzoo.kernels.use_backend` override,
+            else ``torch``).
         key_mask: bool ``[B, Tk]``; keys marked False get zero weight (padding). A query that sees no key
             outputs zeros.
         delta_eps: added to ``|delta_i|`` (the reference's ``delta + eps * sign(delta)``).
@@ -67,11 +67,8 @@ def local_linear_attention(
     Returns:
         ``[B, H, Tq, Dv]`` in ``q.dtype`` (math in float32; float64 for float64 inputs).
     """
-    if backend is None or backend == "chunk":
-        return lla_chunk(q, k, v, ridge, scale, causal, cg_max_iters, cg_tol, block_size, chunk_size, key_mask,
-                         delta_eps, precondition)
-    if backend == "naive":
+    name = resolve_backend(backend, q.device, needs_grad=False, needs_lse=False, supports=("reference", "torch"))
+    if name == "reference":
         return lla_naive(q, k, v, ridge, scale, causal, block_size, key_mask, delta_eps)
-    if backend == "triton":
-        raise ValueError("backend='triton': local linear attention has no Triton kernel in vzoo; use 'chunk' or 'naive'")
-    raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)} or None")
+    return lla_chunk(q, k, v, ridge, scale, causal, cg_max_iters, cg_tol, block_size, chunk_size, key_mask, delta_eps,
+                     precondition)

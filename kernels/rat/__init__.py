@@ -8,22 +8,21 @@ Token ``t`` lies in chunk ``c = t // L``. Within a chunk the [value; key] state 
 ``h_t = g_t * h_{t-1} + (1 - g_t) * x_t`` from ``h = 0`` at the chunk start, giving ``v~_t`` and ``k~_t``. Query
 ``q_t`` and key states are rotated by RoPE at the chunk number (every token of chunk ``c`` has position ``c``).
 The output is one softmax attention of ``q_t`` over the final states ``(k~, v~)`` of chunks ``0..c-1`` and its
-own state ``(k~_t, v~_t)``. Backends: ``"naive"`` (token loop), ``"chunk"`` (vectorised, the default);
-decoding uses :func:`rat_step`.
+own state ``(k~_t, v~_t)``. Backends (vzoo's names, :mod:`vzoo.kernels.backends`): ``"reference"`` (token
+loop, :mod:`.naive`), ``"torch"`` (vectorised, :mod:`.chunk`, the default); decoding uses :func:`rat_step`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..backends import resolve_backend
 from .chunk import rat_chunk
 from .common import RATState, Rope, check_inputs, check_rope, check_state, compute_dtype, rat_rope
 from .naive import rat_naive
 from .recurrent import rat_step
 
 __all__ = ["RATState", "rat_attention", "rat_rope", "rat_step"]
-
-_BACKENDS = {"naive": rat_naive, "chunk": rat_chunk}
 
 
 def rat_attention(
@@ -58,20 +57,15 @@ def rat_attention(
             a chunk number, so the angle drops out).
         state: a :class:`RATState` to continue from (its ``length`` may end inside a chunk), or None.
         return_state: also return the state after the last token (feed it to :func:`rat_step`).
-        backend: ``"chunk"`` (default) or ``"naive"``.
+        backend: ``"reference" | "torch"`` or ``None`` (the :func:`vzoo.kernels.use_backend` override, else
+            ``torch``; no Triton kernel: the torch form runs on any device).
 
     Returns:
         ``out [B, H, T, Dv]`` in ``q.dtype``, and the :class:`RATState` when ``return_state``.
     """
     scale = check_inputs(q, k, v, gate, chunk_size, scale)
     check_state(state, q, v.shape[-1], chunk_size)
-    if backend is None:
-        backend = "chunk"
-    if backend not in _BACKENDS:
-        raise ValueError(
-            f"backend={backend!r} is not available for rat_attention; choose 'chunk' or 'naive' "
-            "(no Triton kernel: the chunk form is plain PyTorch and runs on any device)"
-        )
+    name = resolve_backend(backend, q.device, needs_grad=False, needs_lse=False, supports=("reference", "torch"))
     start = 0 if state is None else state.length
     b, h, t, d = q.shape
     check_rope(rope, d, (start + max(t, 1) - 1) // chunk_size, q.device)
@@ -82,5 +76,5 @@ def rat_attention(
             state = RATState(q.new_zeros(b, h, 0, d, dtype=dt), q.new_zeros(b, h, 0, v.shape[-1], dtype=dt),
                              q.new_zeros(b, h, d, dtype=dt), q.new_zeros(b, h, v.shape[-1], dtype=dt), 0)
         return (out, state) if return_state else out
-    out, new_state = _BACKENDS[backend](q, k, v, gate, chunk_size, scale, rope, state)
+    out, new_state = (rat_naive if name == "reference" else rat_chunk)(q, k, v, gate, chunk_size, scale, rope, state)
     return (out, new_state) if return_state else out

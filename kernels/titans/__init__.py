@@ -22,13 +22,13 @@ from collections.abc import Sequence
 
 import torch
 
+from ..backends import resolve_backend
 from .chunk import neural_memory_chunk
 from .naive import MemoryState, memory_mlp, neural_memory_naive
 from .recurrent import neural_memory_recurrent, neural_memory_step
 
-__all__ = ["MemoryState", "memory_mlp", "neural_memory", "neural_memory_step", "BACKENDS"]
+__all__ = ["MemoryState", "memory_mlp", "neural_memory", "neural_memory_step"]
 
-BACKENDS = {"naive": neural_memory_naive, "chunk": neural_memory_chunk, "recurrent": neural_memory_recurrent}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -75,8 +75,9 @@ def neural_memory(
         activation: ``"gelu"`` or ``"silu"`` between the MLP's layers.
         residual: ``M(k) = k + MLP(k)`` (needs ``Dk == Dv``).
         output_final_state: also return the state after the last token.
-        backend: ``"chunk"`` (parallel, default), ``"naive"`` (token loop with autograd gradients) or
-            ``"recurrent"`` (token steps, the decoding path).
+        backend: vzoo's ``"torch"`` (parallel mini-batch scan, :mod:`.chunk`) or ``"reference"`` (token loop
+            with autograd gradients, :mod:`.naive`); ``"recurrent"`` (token steps, the decoding path); ``None``
+            (the :func:`vzoo.kernels.use_backend` override, else ``torch``).
 
     Returns:
         ``y [B, T, Dv]`` in ``q.dtype`` and the final :class:`MemoryState` (float32) or ``None``.
@@ -101,9 +102,11 @@ def neural_memory(
         raise ValueError(f"activation must be 'gelu' or 'silu', got {activation!r}")
     if residual and k.shape[-1] != v.shape[-1]:
         raise ValueError(f"residual memory needs Dk == Dv, got {k.shape[-1]} and {v.shape[-1]}")
-    name = "chunk" if backend is None else backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or None")
+    if backend == "recurrent":
+        run = neural_memory_recurrent
+    else:
+        name = resolve_backend(backend, q.device, needs_grad=False, needs_lse=False, supports=("reference", "torch"))
+        run = neural_memory_naive if name == "reference" else neural_memory_chunk
     dk, dv = k.shape[-1], v.shape[-1]
     if isinstance(weights, MemoryState):
         read = _check_weights("state.read", weights.read, b, dk, dv, q.device)
@@ -120,6 +123,6 @@ def neural_memory(
     else:
         ws = _check_weights("weights", weights, b, dk, dv, q.device)
         state = MemoryState(ws, ws, tuple(torch.zeros_like(w) for w in ws), 0)
-    y, final = BACKENDS[name](q.float(), k.float(), v.float(), lr.float(), momentum.float(), decay.float(), state,
-                              batch_size, activation, residual)
+    y, final = run(q.float(), k.float(), v.float(), lr.float(), momentum.float(), decay.float(), state, batch_size,
+                   activation, residual)
     return y.to(q.dtype), (final if output_final_state else None)

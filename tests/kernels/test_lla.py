@@ -1,6 +1,6 @@
 """Local Linear Attention: both backends and the decoding step against a per-query float64 loop of the
 closed form (and against softmax attention and a least-squares fit in the two limits), gradients, GQA,
-decode alignment, causality, padding, bad input."""
+decode alignment, causality, padding, backend selection by ``use_backend``, bad input."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+import vzoo.kernels as vk
+from vzoo.kernels import lla
 from vzoo.kernels.lla import local_linear_attention, local_linear_attention_step, lla_weights
 
 T, D = 32, 4
@@ -74,12 +76,12 @@ def qkv(b=1, h=2, hkv=2, tq=T, tk=T, d=D, dv=None, seed=0, dtype=torch.float64):
             torch.randn(b, hkv, tk, dv or d, generator=gen, dtype=dtype))
 
 
-BACKENDS = ["naive", "chunk"]
-EXACT = dict(cg_tol=1e-13, chunk_size=7)  # chunk: tight CG, tiles that do not divide T
+BACKENDS = ["reference", "torch"]
+EXACT = dict(cg_tol=1e-13, chunk_size=7)  # torch: tight CG, tiles that do not divide T
 
 
 def run(backend, q, k, v, **kw):
-    return local_linear_attention(q, k, v, backend=backend, **({**EXACT, **kw} if backend == "chunk" else kw))
+    return local_linear_attention(q, k, v, backend=backend, **({**EXACT, **kw} if backend == "torch" else kw))
 
 
 @pytest.mark.parametrize("ridge", [1e-6, 0.1, 10.0])
@@ -222,6 +224,27 @@ def test_fewer_cg_iterations_change_the_result():
     assert (jacobi - exact).abs().max() < 1e-8
 
 
+def test_use_backend_routes_to_the_implementation(monkeypatch):
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args):
+            calls.append(name)
+            return fn(*args)
+        return wrapped
+
+    for name in ("lla_naive", "lla_chunk"):
+        monkeypatch.setattr(lla, name, spy(name, getattr(lla, name)))
+    q, k, v = qkv()
+    with vk.use_backend("reference"):
+        vk.local_linear_attention(q, k, v)
+        vk.local_linear_attention(q, k, v, backend="torch")  # an explicit backend wins
+    vk.local_linear_attention(q, k, v)
+    assert calls == ["lla_naive", "lla_chunk", "lla_chunk"]
+    with vk.use_backend("triton"), pytest.raises(RuntimeError, match="'triton' does not implement this op"):
+        vk.local_linear_attention(q, k, v)
+
+
 def test_bad_inputs():
     q, k, v = qkv()
     cases = [
@@ -237,8 +260,8 @@ def test_bad_inputs():
         (dict(chunk_size=0), "chunk_size=0"),
         (dict(cg_max_iters=-1), "cg_max_iters=-1"),
         (dict(causal="yes"), "causal='yes'"),
-        (dict(backend="triton"), "no Triton kernel"),
-        (dict(backend="flash"), "backend='flash'"),
+        (dict(backend="flash"), "unknown backend 'flash'"),
+        (dict(backend="naive"), "unknown backend 'naive'; choose one of reference, torch"),
         (dict(key_mask=torch.ones(1, 5, dtype=torch.bool)), "key_mask must be a bool tensor"),
     ]
     for kw, msg in cases:
@@ -246,6 +269,8 @@ def test_bad_inputs():
         args.update({n: kw.pop(n) for n in ("q", "k", "v") if n in kw})
         with pytest.raises(ValueError, match=msg):
             local_linear_attention(args["q"], args["k"], args["v"], **kw)
+    with pytest.raises(RuntimeError, match=r"'triton' does not implement this op \(available: reference, torch\)"):
+        local_linear_attention(q, k, v, backend="triton")
     with pytest.raises(ValueError, match="3-D"):
         local_linear_attention_step(q, k, v)
     with pytest.raises(ValueError, match="cache is empty"):

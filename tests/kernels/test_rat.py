@@ -1,5 +1,6 @@
 """rat_attention / rat_step: every path against a float64 token loop written here, forward and gradients,
-fp32 and half, ragged lengths, chunk_size >= T (pure gated RNN), causality, prefill state + steps, bad input."""
+fp32 and half, ragged lengths, chunk_size >= T (pure gated RNN), causality, prefill state + steps, backend
+selection by ``use_backend``, bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 import pytest
 import torch
 
+import vzoo.kernels as vk
+from vzoo.kernels import rat
 from vzoo.kernels.rat import RATState, rat_attention, rat_rope, rat_step
 
 
@@ -81,8 +84,8 @@ def stepwise(q, k, v, gate, L, state=None, **kw):
 
 
 PATHS = {
-    "chunk": lambda q, k, v, gate, L, **kw: rat_attention(q, k, v, gate, L, backend="chunk", **kw),
-    "naive": lambda q, k, v, gate, L, **kw: rat_attention(q, k, v, gate, L, backend="naive", **kw),
+    "torch": lambda q, k, v, gate, L, **kw: rat_attention(q, k, v, gate, L, backend="torch", **kw),
+    "reference": lambda q, k, v, gate, L, **kw: rat_attention(q, k, v, gate, L, backend="reference", **kw),
     "step": lambda q, k, v, gate, L, **kw: stepwise(q, k, v, gate, L, **kw)[0],
 }
 
@@ -156,7 +159,7 @@ def test_rope_forms_agree():
     assert (rat_attention(q, k, v, gate, 4) - by_base).abs().max() > 1e-3  # the rotation matters
 
 
-@pytest.mark.parametrize("path", ["chunk", "naive"])
+@pytest.mark.parametrize("path", ["torch", "reference"])
 @pytest.mark.parametrize("s", [0, 5, 8, 30])
 def test_causal(path, s):
     q, k, v, gate = inputs(t=33)
@@ -171,12 +174,12 @@ def test_causal(path, s):
     assert (out2[:, :, s:] - out[:, :, s:]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("backend", ["chunk", "naive"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("cut", [1, 6, 8, 13, 31])
 def test_prefill_state_then_steps_and_second_prefill(backend, cut):
     L = 4
     q, k, v, gate = inputs(t=32, d=8)
-    full = rat_attention(q, k, v, gate, L, rope=10000.0, backend="chunk")
+    full = rat_attention(q, k, v, gate, L, rope=10000.0, backend="torch")
     want = oracle(q, k, v, gate, L, base=10000.0)
     assert (full.double() - want).abs().max() < 1e-5
     head, st = rat_attention(*(x[:, :, :cut] for x in (q, k, v, gate)), L, rope=10000.0, return_state=True,
@@ -221,6 +224,27 @@ def test_empty_sequence():
     assert out.shape == (2, 4, 0, 8) and st.length == 0
 
 
+def test_use_backend_routes_to_the_implementation(monkeypatch):
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args):
+            calls.append(name)
+            return fn(*args)
+        return wrapped
+
+    for name in ("rat_naive", "rat_chunk"):
+        monkeypatch.setattr(rat, name, spy(name, getattr(rat, name)))
+    q, k, v, gate = inputs(t=8)
+    with vk.use_backend("reference"):
+        vk.rat_attention(q, k, v, gate, 4)
+        vk.rat_attention(q, k, v, gate, 4, backend="torch")  # an explicit backend wins
+    vk.rat_attention(q, k, v, gate, 4)
+    assert calls == ["rat_naive", "rat_chunk", "rat_chunk"]
+    with vk.use_backend("triton"), pytest.raises(RuntimeError, match="'triton' does not implement this op"):
+        vk.rat_attention(q, k, v, gate, 4)
+
+
 def test_bad_inputs():
     q, k, v, gate = inputs(t=8)
     cases = [
@@ -237,8 +261,10 @@ def test_bad_inputs():
             rat_attention(args["q"], args["k"], args["v"], args["gate"], 4)
     with pytest.raises(ValueError, match="chunk_size"):
         rat_attention(q, k, v, gate, 0)
-    with pytest.raises(ValueError, match="backend='triton'"):
+    with pytest.raises(RuntimeError, match=r"'triton' does not implement this op \(available: reference, torch\)"):
         rat_attention(q, k, v, gate, 4, backend="triton")
+    with pytest.raises(ValueError, match="unknown backend 'naive'; choose one of reference, torch"):
+        rat_attention(q, k, v, gate, 4, backend="naive")
     with pytest.raises(ValueError, match="scale"):
         rat_attention(q, k, v, gate, 4, scale=float("nan"))
     with pytest.raises(ValueError, match="rope cos has shape"):

@@ -1,15 +1,17 @@
 """Titans neural memory: every backend against a float64 token loop written here (autograd gradients of the
 MLP loss), forward and gradients, fp32 and fp16; the delta rule, alpha = 1, memorisation, causality,
-prefill + decode == one pass, bad input."""
+prefill + decode == one pass, backend selection by ``use_backend``, bad input."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import vzoo.kernels as vk
+from vzoo.kernels import titans
 from vzoo.kernels.titans import MemoryState, neural_memory, neural_memory_step
 
-BACKENDS = ("naive", "chunk", "recurrent")
+BACKENDS = ("reference", "torch", "recurrent")
 
 
 def mlp(ws, x, residual):
@@ -159,6 +161,29 @@ def test_prefill_then_steps(b, split):
         assert torch.allclose(a, c, atol=1e-5)
 
 
+def test_use_backend_routes_to_the_implementation(monkeypatch):
+    """``backend=None`` follows ``vzoo.kernels.use_backend``; explicit ``"torch"`` / ``"recurrent"`` win."""
+    calls = []
+
+    def spy(name, fn):
+        def wrapped(*args):
+            calls.append(name)
+            return fn(*args)
+        return wrapped
+
+    for name in ("neural_memory_naive", "neural_memory_chunk", "neural_memory_recurrent"):
+        monkeypatch.setattr(titans, name, spy(name, getattr(titans, name)))
+    xs, ws = inputs(t=4)
+    with vk.use_backend("reference"):
+        vk.neural_memory(*xs, ws)
+        vk.neural_memory(*xs, ws, backend="torch")
+        vk.neural_memory(*xs, ws, backend="recurrent")
+    vk.neural_memory(*xs, ws)
+    assert calls == ["neural_memory_naive", "neural_memory_chunk", "neural_memory_recurrent", "neural_memory_chunk"]
+    with vk.use_backend("triton"), pytest.raises(RuntimeError, match="'triton' does not implement this op"):
+        vk.neural_memory(*xs, ws)
+
+
 def test_bad_inputs():
     xs, ws = inputs(t=4)
     q, k, v, lr, eta, alpha = xs
@@ -168,10 +193,12 @@ def test_bad_inputs():
         ((q, k, v, lr[:, :3], eta, alpha, ws), {}, "lr must be"),
         ((q, k, v, lr, eta, alpha, ws), dict(batch_size=0), "batch_size"),
         ((q, k, v, lr, eta, alpha, ws), dict(activation="relu"), "activation"),
-        ((q, k, v, lr, eta, alpha, ws), dict(backend="triton"), "unknown backend"),
+        ((q, k, v, lr, eta, alpha, ws), dict(backend="chunk"), "unknown backend 'chunk'; choose one of reference"),
         ((q, k, v, lr, eta, alpha, ws[:1]), {}, "gives 8 features"),
         ((q, k, v, lr, eta, alpha, (ws[0][:1], ws[1])), {}, r"weights\[0\]"),
         ((q, k, v, lr, eta, alpha, MemoryState(ws, ws, ws, 3)), dict(batch_size=2), "offset"),
     ):
         with pytest.raises(ValueError, match=word):
             neural_memory(*args, **kwargs)
+    with pytest.raises(RuntimeError, match=r"'triton' does not implement this op \(available: reference, torch\)"):
+        neural_memory(q, k, v, lr, eta, alpha, ws, backend="triton")

@@ -155,10 +155,10 @@ def test_gradients_reach_parameters():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
-def test_naive_backend_agrees():
+def test_reference_backend_agrees():
     x = ids(b=1, t=20, seed=7)
     outs = []
-    for backend in ("chunk", "naive"):
+    for backend in ("torch", "reference"):
         model = vzoo.lm.convert(tiny_llama(), LLAConfig(ridge=0.3, cg_tol=1e-7, backend=backend))
         with torch.no_grad():
             outs.append(model(x).logits)
@@ -169,6 +169,7 @@ def test_naive_backend_agrees():
     (dict(ridge=-1.0), "ridge"), (dict(cg_max_iters=-2), "cg_max_iters"), (dict(chunk_size=0), "chunk_size"),
     (dict(block_size=0), "block_size"), (dict(backend="triton"), "backend"), (dict(layers=[0]), "layers"),
     (dict(cg_tol=float("nan")), "cg_tol"),
+    (dict(backend="naive"), "backend='naive' must be None, 'torch' or 'reference'"),
 ])
 def test_config_validation(kwargs, word):
     with pytest.raises(ValueError, match=f"LLAConfig.{word}"):

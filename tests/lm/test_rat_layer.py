@@ -173,10 +173,10 @@ def test_gradients_reach_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_naive_backend_and_bf16():
+def test_reference_backend_and_bf16():
     x = ids(b=1, t=21, seed=7)
     outs = []
-    for backend in ("chunk", "naive"):
+    for backend in ("torch", "reference"):
         model = vzoo.lm.convert(tiny_llama(), RATConfig(chunk_size=4, backend=backend))
         with torch.no_grad():
             outs.append(model(x).logits)
@@ -200,6 +200,7 @@ def test_padded_batch_is_refused():
 @pytest.mark.parametrize("kwargs,word", [
     (dict(chunk_size=0), "chunk_size"), (dict(ngroups=0), "ngroups"), (dict(rope_base=-1.0), "rope_base"),
     (dict(backend="triton"), "backend"), (dict(layers=[0]), "layers"), (dict(chunk_size=True), "chunk_size"),
+    (dict(backend="naive"), "backend='naive' must be None, 'torch' or 'reference'"),
 ])
 def test_config_validation(kwargs, word):
     with pytest.raises(ValueError, match=f"RATConfig.{word}"):

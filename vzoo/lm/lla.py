@@ -30,10 +30,11 @@ class LLAConfig:
     """Args:
         layers: decoder layers to convert (``None``: all).
         ridge: ``lambda >= 0``; the slope penalty is ``lambda * omega_i`` (weight sum). Large: softmax attention.
-        cg_max_iters, cg_tol: conjugate-gradient budget and relative residual tolerance (``chunk`` backend).
+        cg_max_iters, cg_tol: conjugate-gradient budget and relative residual tolerance (``torch`` backend).
         block_size: independent diagonal sub-blocks of ``Sigma`` (must divide the head dim); ``None``: one.
         chunk_size: keys per tile of the streamed passes.
-        backend: ``"chunk"`` (streamed, CG) or ``"naive"`` (dense solve); ``None``: ``chunk``.
+        backend: ``"torch"`` (streamed, CG) or ``"reference"`` (dense solve); ``None``: the
+            :func:`vzoo.kernels.use_backend` override, else ``torch``.
     """
 
     layers: tuple[int, ...] | None = None
@@ -60,8 +61,8 @@ class LLAConfig:
                 raise ValueError(f"LLAConfig.{name}={value!r} must be an int >= {low}")
         if self.block_size is not None and (not index(self.block_size) or self.block_size < 1):
             raise ValueError(f"LLAConfig.block_size={self.block_size!r} must be None or an int >= 1")
-        if self.backend not in (None, "chunk", "naive"):
-            raise ValueError(f"LLAConfig.backend={self.backend!r} must be None, 'chunk' or 'naive'")
+        if self.backend not in (None, "torch", "reference"):
+            raise ValueError(f"LLAConfig.backend={self.backend!r} must be None, 'torch' or 'reference'")
 
 
 class LocalLinearAttention(nn.Module):

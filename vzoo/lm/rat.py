@@ -46,7 +46,8 @@ class RATConfig:
         chunk_size: ``L``, tokens per chunk (the paper's best trade-off is 16; the reference layer default 64).
         ngroups: shared query / key groups (must divide the attention heads); the reference uses 2.
         rope_base: base of the inter-chunk RoPE (the reference's ``InterRoPE``: 10000).
-        backend: ``"chunk"`` or ``"naive"`` for :func:`vzoo.kernels.rat.rat_attention`; ``None``: ``chunk``.
+        backend: ``"torch"`` or ``"reference"`` for :func:`vzoo.kernels.rat.rat_attention`; ``None``: the
+            :func:`vzoo.kernels.use_backend` override, else ``torch``.
     """
 
     layers: tuple[int, ...] | None = None
@@ -68,8 +69,8 @@ class RATConfig:
         base = self.rope_base
         if isinstance(base, bool) or not isinstance(base, (int, float)) or not math.isfinite(base) or base <= 0:
             raise ValueError(f"RATConfig.rope_base={base!r} must be a positive finite number")
-        if self.backend not in (None, "chunk", "naive"):
-            raise ValueError(f"RATConfig.backend={self.backend!r} must be None, 'chunk' or 'naive'")
+        if self.backend not in (None, "torch", "reference"):
+            raise ValueError(f"RATConfig.backend={self.backend!r} must be None, 'torch' or 'reference'")
 
 
 class RATLayer(nn.Module):
