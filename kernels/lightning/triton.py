@@ -54,7 +54,7 @@ def _fwd_kernel(
     Q, K, V, RATE, H0, O, HT,
     scale, T, H, G, D, E,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-    HAS_H0: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_H0: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(B * H, cdiv(Dv, BLOCK_E))``; ``q, k, v`` have unit last stride, ``O [B, H, T, Dv]``, ``H0, HT
     [B, H, D, Dv]`` contiguous."""
@@ -81,12 +81,12 @@ def _fwd_kernel(
         q = q.to(tl.float32) * scale
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * mask
-        o = tl.dot(qk, v) + tl.dot(q * q_dec[:, None], kv)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * mask
+        o = tl.dot(qk, v, input_precision=PREC) + tl.dot(q * q_dec[:, None], kv, input_precision=PREC)
         tl.store(O + ((bh * T + t[:, None]) * E + ev[None, :]), o.to(O.dtype.element_ty), mask=t_ok[:, None] & e_ok[None, :])
         m = tl.minimum(T - start, BLOCK)
         kt = k * _tail(rate, offs, m)[:, None]
-        kv = tl.exp(-rate * m.to(tl.float32)) * kv + tl.dot(tl.trans(kt), v)
+        kv = tl.exp(-rate * m.to(tl.float32)) * kv + tl.dot(tl.trans(kt), v, input_precision=PREC)
     tl.store(HT + st, kv, mask=st_ok)
 
 
@@ -95,7 +95,7 @@ def _dq_kernel(
     DO, K, V, RATE, H0, DQ,
     scale, T, H, G, D, E,
     s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-    HAS_H0: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_H0: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(B * H, n_e)``: ``DQ [n_e, B, H, T, D]`` fp32, the slice's share of ``dq``; ``DO [B, H, T, Dv]``."""
     bh = tl.program_id(0).to(tl.int64)
@@ -122,12 +122,12 @@ def _dq_kernel(
         k = k.to(tl.float32)
         v = v.to(tl.float32)
         do = do.to(tl.float32)
-        dov = tl.dot(do, tl.trans(v)) * mask
-        dq = tl.dot(dov, k) + tl.dot(do * q_dec[:, None], tl.trans(kv))
+        dov = tl.dot(do, tl.trans(v), input_precision=PREC) * mask
+        dq = tl.dot(dov, k, input_precision=PREC) + tl.dot(do * q_dec[:, None], tl.trans(kv), input_precision=PREC)
         tl.store(DQ + (((pe * nbh + bh) * T + t[:, None]) * D + d[None, :]), dq * scale, mask=t_ok[:, None] & d_ok[None, :])
         m = tl.minimum(T - start, BLOCK)
         kt = k * _tail(rate, offs, m)[:, None]
-        kv = tl.exp(-rate * m.to(tl.float32)) * kv + tl.dot(tl.trans(kt), v)
+        kv = tl.exp(-rate * m.to(tl.float32)) * kv + tl.dot(tl.trans(kt), v, input_precision=PREC)
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def _dkdv_kernel(
     Q, K, V, DO, RATE, DHT, DK, DV, DH0,
     scale, T, H, G, D, E,
     s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(B * H, n_e)``: ``DK [n_e, B, H, T, D]`` fp32 (the slice's share), ``DV [B, H, T, Dv]`` fp32
     (per query head), ``DH0 [B, H, D, Dv]`` fp32; ``DHT [B, H, D, Dv]`` the final state's gradient."""
@@ -169,13 +169,13 @@ def _dkdv_kernel(
         do = do.to(tl.float32)
         m = tl.minimum(T - start, BLOCK)
         tail = _tail(rate, offs, m)[:, None]
-        dov = tl.dot(do, tl.trans(v)) * mask  # [a, b]
-        qk = tl.dot(q, tl.trans(k)) * mask
-        dk = tl.dot(tl.trans(dov), q) + tl.dot(v, tl.trans(r)) * tail
-        dv = tl.dot(tl.trans(qk), do) + tl.dot(k, r) * tail
+        dov = tl.dot(do, tl.trans(v), input_precision=PREC) * mask  # [a, b]
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC) * mask
+        dk = tl.dot(tl.trans(dov), q, input_precision=PREC) + tl.dot(v, tl.trans(r), input_precision=PREC) * tail
+        dv = tl.dot(tl.trans(qk), do, input_precision=PREC) + tl.dot(k, r, input_precision=PREC) * tail
         tl.store(DK + (((pe * nbh + bh) * T + t[:, None]) * D + d[None, :]), dk, mask=td_ok)
         tl.store(DV + ((bh * T + t[:, None]) * E + ev[None, :]), dv, mask=te_ok)
-        r = tl.exp(-rate * m.to(tl.float32)) * r + tl.dot(tl.trans(q * q_dec[:, None]), do)
+        r = tl.exp(-rate * m.to(tl.float32)) * r + tl.dot(tl.trans(q * q_dec[:, None]), do, input_precision=PREC)
     tl.store(DH0 + st, r, mask=st_ok)
 
 
@@ -187,6 +187,12 @@ def _tiles(d: int, e: int, block: int) -> tuple[int, int, int, int]:
     block_d = max(16, triton.next_power_of_2(d))
     block_e = min(64, max(16, triton.next_power_of_2(e)))
     return max(16, min(128, triton.next_power_of_2(block))), block_d, block_e, triton.cdiv(e, block_e)
+
+
+def _precision(q: Tensor) -> str:
+    """``tl.dot`` precision: IEEE fp32 for fp32 inputs (exact, as the CPU paths), tf32 for half inputs (the
+    operands are upcast to fp32 in the kernels; tf32 keeps more bits than the inputs had)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def _fwd_impl(
@@ -202,7 +208,7 @@ def _fwd_impl(
     torch.library.wrap_triton(_fwd_kernel)[(bsz * h, n_e)](
         q, k, v, rates, h0c, out, ht, scale, t, h, h // k.shape[1], d, e,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        HAS_H0=h0 is not None, BLOCK=blk, BLOCK_D=block_d, BLOCK_E=block_e,
+        HAS_H0=h0 is not None, BLOCK=blk, BLOCK_D=block_d, BLOCK_E=block_e, PREC=_precision(q),
     )
     return out, ht
 
@@ -223,11 +229,11 @@ def _bwd_impl(
     strides_kv = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
     torch.library.wrap_triton(_dq_kernel)[grid](
         do, k, v, rates, h0c, dq, scale, t, h, h // hk, d, e, *strides_kv,
-        HAS_H0=h0 is not None, BLOCK=blk, BLOCK_D=block_d, BLOCK_E=block_e,
+        HAS_H0=h0 is not None, BLOCK=blk, BLOCK_D=block_d, BLOCK_E=block_e, PREC=_precision(q),
     )
     torch.library.wrap_triton(_dkdv_kernel)[grid](
         q, k, v, do, rates, dht.float().contiguous(), dk, dv, dh0, scale, t, h, h // hk, d, e,
-        q.stride(0), q.stride(1), q.stride(2), *strides_kv, BLOCK=blk, BLOCK_D=block_d, BLOCK_E=block_e,
+        q.stride(0), q.stride(1), q.stride(2), *strides_kv, BLOCK=blk, BLOCK_D=block_d, BLOCK_E=block_e, PREC=_precision(q),
     )
     g = h // hk
     dk = dk.sum(0).view(bsz, hk, g, t, d).sum(2)
