@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import resolve_backend
+from ..layout import check_flag, check_int
 from .chunk import lightning_chunk, lightning_left
 from .common import check_inputs, check_scale, decay_rates
 from .naive import lightning_naive
@@ -77,10 +78,8 @@ def lightning_attention(
     """
     check_inputs(q, k, v, initial_state)
     scale = check_scale(scale)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
-    if not isinstance(output_final_state, bool):
-        raise ValueError(f"output_final_state={output_final_state!r} must be a bool")
+    check_int("chunk_size", chunk_size, 1)
+    check_flag("output_final_state", output_final_state)
     name = _resolve(backend, strategy, q.device)
     s = decay_rates(decay, q.shape[1], q.device)
     if q.shape[2] == 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import accum_dtype, repeat_kv
+from .common import final_state, prepare
 
 __all__ = ["lightning_chunk", "lightning_left"]
 
@@ -105,14 +105,11 @@ def lightning_chunk(
     The sequence runs in segments of whole blocks (about 2^19 elements per ``[B, H, blocks, C, max(C, D,
     Dv)]`` tensor, so a segment's working set stays in cache), carrying the state between them: the cost is
     linear in ``T``."""
-    acc = accum_dtype(q.dtype)
     bsz, h, t, d = q.shape
     e = v.shape[-1]
     c = max(1, min(chunk_size, t))
-    q = q.to(acc) if scale == 1.0 else q.to(acc) * scale
-    k, v = repeat_kv(k.to(acc), h), repeat_kv(v.to(acc), h)
-    rates = torch.zeros(h, dtype=acc, device=q.device) if s is None else s.to(acc)  # no decay: lambda = 1
-    state = None if initial_state is None else initial_state.to(acc)
+    q, k, v, rates = prepare(q, k, v, s, scale)
+    state = None if initial_state is None else initial_state.to(q.dtype)
     seg = c * max(1, SEGMENT_ELEMENTS // (bsz * h * c * max(c, d, e)))
     # Without autograd each segment's output goes straight into the result (no list of live segments and
     # no concatenation: two fewer passes over fresh memory); with autograd they are concatenated, since
@@ -145,12 +142,10 @@ def lightning_left(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lightning-1 tiling (quadratic cost, ``chunk_size x chunk_size`` tiles); arguments and results as
     :func:`lightning_chunk`."""
-    acc = accum_dtype(q.dtype)
-    h, t = q.shape[1], q.shape[2]
+    t = q.shape[2]
     c = max(1, chunk_size)
-    q = q.to(acc) * scale
-    k, v = repeat_kv(k.to(acc), h), repeat_kv(v.to(acc), h)
-    rates = torch.zeros(h, device=q.device, dtype=acc) if s is None else s.to(acc)
+    q, k, v, rates = prepare(q, k, v, s, scale)
+    acc = q.dtype
     pos = torch.arange(t, device=q.device)
     outs = []
     for a in range(0, t, c):
@@ -166,7 +161,4 @@ def lightning_left(
             acc_o = acc_o + (qi * _exp_decay(rates, (qpos + 1).to(acc))[None, :, :, None]) @ initial_state.to(acc)
         outs.append(acc_o)
     out = torch.cat(outs, 2) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
-    final = (k * _exp_decay(rates, (t - 1 - pos).to(acc))[None, :, :, None]).transpose(-1, -2) @ v
-    if initial_state is not None:
-        final = final + torch.exp(-rates * t)[:, None, None] * initial_state.to(acc)
-    return out, final
+    return out, final_state(k, v, rates, initial_state)

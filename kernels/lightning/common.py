@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-__all__ = ["accum_dtype", "check_inputs", "check_scale", "decay_rates", "repeat_kv"]
+__all__ = ["accum_dtype", "check_inputs", "check_scale", "decay_rates", "final_state", "prepare", "repeat_kv"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -90,3 +90,27 @@ def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """``[B, Hkv, ...]`` -> ``[B, num_heads, ...]``: each key/value head serves ``num_heads // Hkv`` query heads."""
     groups = num_heads // x.shape[1]
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def prepare(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checked inputs in the accumulation dtype, as the PyTorch forms use them: ``q * scale [B, H, T, D]``,
+    ``k [B, H, T, D]`` and ``v [B, H, T, Dv]`` expanded to the query heads, and the rates ``[H]`` (zeros
+    without decay: ``lambda = 1``)."""
+    acc = accum_dtype(q.dtype)
+    h = q.shape[1]
+    q = q.to(acc) if scale == 1.0 else q.to(acc) * scale
+    rates = torch.zeros(h, dtype=acc, device=q.device) if s is None else s.to(acc)
+    return q, repeat_kv(k.to(acc), h), repeat_kv(v.to(acc), h), rates
+
+
+def final_state(k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor, initial_state: torch.Tensor | None) -> torch.Tensor:
+    """The state after the last token in closed form, ``S_{T-1} = sum_s lambda^(T-1-s) k_s^T v_s + lambda^T
+    S_{-1}``, from :func:`prepare`'s ``k, v, rates``: ``[B, H, D, Dv]``."""
+    t = k.shape[2]
+    keep = torch.exp(-rates[:, None] * torch.arange(t - 1, -1, -1, device=k.device, dtype=k.dtype))  # lambda^(T-1-s)
+    final = (k * keep[..., None]).transpose(-1, -2) @ v
+    if initial_state is not None:
+        final = final + torch.exp(-rates * t)[:, None, None] * initial_state.to(k.dtype)
+    return final

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import accum_dtype, repeat_kv
+from .common import final_state, prepare
 
 __all__ = ["lightning_naive"]
 
@@ -26,20 +26,11 @@ def lightning_naive(
     """Checked inputs ``q [B, H, T, D]``, ``k [B, Hkv, T, D]``, ``v [B, Hkv, T, Dv]``, rates ``s [H]`` or
     ``None``, ``initial_state [B, H, D, Dv]`` or ``None``. Returns ``o [B, H, T, Dv]`` (accumulation dtype)
     and the final state ``[B, H, D, Dv]``."""
-    acc = accum_dtype(q.dtype)
-    h, t = q.shape[1], q.shape[2]
-    q = q.to(acc) * scale
-    k, v = repeat_kv(k.to(acc), h), repeat_kv(v.to(acc), h)
-    pos = torch.arange(t, device=q.device, dtype=acc)
+    q, k, v, rates = prepare(q, k, v, s, scale)
+    pos = torch.arange(q.shape[2], device=q.device, dtype=q.dtype)
     diff = pos[:, None] - pos[None, :]  # t - s
-    causal = diff >= 0
-    rates = torch.zeros(h, device=q.device, dtype=acc) if s is None else s.to(acc)
-    mask = torch.where(causal, torch.exp(-rates[:, None, None] * diff.clamp_min(0)), 0.0)  # [H, T, T]
+    mask = torch.where(diff >= 0, torch.exp(-rates[:, None, None] * diff.clamp_min(0)), 0.0)  # [H, T, T]
     out = (q @ k.transpose(-1, -2) * mask) @ v
-    tail = torch.exp(-rates[:, None] * (t - 1 - pos))  # lambda^(T-1-s): how much of token s the final state keeps
-    final = (k * tail[..., None]).transpose(-1, -2) @ v
     if initial_state is not None:
-        h0 = initial_state.to(acc)
-        out = out + (q * torch.exp(-rates[:, None] * (pos + 1))[..., None]) @ h0
-        final = final + torch.exp(-rates * t)[:, None, None] * h0
-    return out, final
+        out = out + (q * torch.exp(-rates[:, None] * (pos + 1))[..., None]) @ initial_state.to(q.dtype)
+    return out, final_state(k, v, rates, initial_state)

@@ -50,6 +50,41 @@ def _tail(rate, offs, m):
 
 
 @triton.jit
+def _program(H, G, D, E, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """This program of the grid ``(B * H, value slices)``: ``(bh, b, h, kv head, d [BLOCK_D], value channels
+    ev [BLOCK_E], d_ok, e_ok, state offsets st [BLOCK_D, BLOCK_E] into a contiguous [B, H, D, Dv], st_ok)``."""
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // H, bh % H
+    d = tl.arange(0, BLOCK_D)
+    ev = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    d_ok, e_ok = d < D, ev < E
+    return bh, b, h, h // G, d, ev, d_ok, e_ok, (bh * D + d[:, None]) * E + ev[None, :], d_ok[:, None] & e_ok[None, :]
+
+
+@triton.jit
+def _initial_state(H0, st, st_ok, HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The state before token 0 (this program's slice, fp32): ``H0`` or zeros."""
+    if HAS_H0:
+        kv = tl.load(H0 + st, mask=st_ok, other=0.0).to(tl.float32)
+    else:
+        kv = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+    return kv
+
+
+@triton.jit
+def _rows(BASE, t, s_t, cols, t_ok, c_ok):
+    """The block ``BASE[t, cols]`` (row stride ``s_t``, unit column stride) in fp32, 0 outside the masks."""
+    return tl.load(BASE + t[:, None] * s_t + cols[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _advance(kv, k, v, rate, offs, m, PREC: tl.constexpr):
+    """The state after a block of ``m`` tokens: ``KV <- lambda^m KV + (K * lambda^(m-1-b))^T V``."""
+    kt = k * _tail(rate, offs, m)[:, None]
+    return tl.exp(-rate * m.to(tl.float32)) * kv + tl.dot(tl.trans(kt), v, input_precision=PREC)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, RATE, H0, O, HT,
     scale, T, H, G, D, E,
@@ -58,35 +93,20 @@ def _fwd_kernel(
 ):
     """Grid ``(B * H, cdiv(Dv, BLOCK_E))``; ``q, k, v`` have unit last stride, ``O [B, H, T, Dv]``, ``H0, HT
     [B, H, D, Dv]`` contiguous."""
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // H, bh % H
-    hk = h // G
+    bh, b, h, hk, d, ev, d_ok, e_ok, st, st_ok = _program(H, G, D, E, BLOCK_D, BLOCK_E)
     rate = tl.load(RATE + h)
     mask, q_dec, offs = _decays(rate, BLOCK)
-    d = tl.arange(0, BLOCK_D)
-    ev = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
-    d_ok, e_ok = d < D, ev < E
-    st = (bh * D + d[:, None]) * E + ev[None, :]
-    st_ok = d_ok[:, None] & e_ok[None, :]
-    if HAS_H0:
-        kv = tl.load(H0 + st, mask=st_ok, other=0.0).to(tl.float32)
-    else:
-        kv = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+    kv = _initial_state(H0, st, st_ok, HAS_H0, BLOCK_D, BLOCK_E)
     for start in range(0, T, BLOCK):
         t = start + offs
         t_ok = t < T
-        q = tl.load(Q + b * s_qb + h * s_qh + t[:, None] * s_qt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        k = tl.load(K + b * s_kb + hk * s_kh + t[:, None] * s_kt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * s_vb + hk * s_vh + t[:, None] * s_vt + ev[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0)
-        q = q.to(tl.float32) * scale
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        q = _rows(Q + b * s_qb + h * s_qh, t, s_qt, d, t_ok, d_ok) * scale
+        k = _rows(K + b * s_kb + hk * s_kh, t, s_kt, d, t_ok, d_ok)
+        v = _rows(V + b * s_vb + hk * s_vh, t, s_vt, ev, t_ok, e_ok)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * mask
         o = tl.dot(qk, v, input_precision=PREC) + tl.dot(q * q_dec[:, None], kv, input_precision=PREC)
         tl.store(O + ((bh * T + t[:, None]) * E + ev[None, :]), o.to(O.dtype.element_ty), mask=t_ok[:, None] & e_ok[None, :])
-        m = tl.minimum(T - start, BLOCK)
-        kt = k * _tail(rate, offs, m)[:, None]
-        kv = tl.exp(-rate * m.to(tl.float32)) * kv + tl.dot(tl.trans(kt), v, input_precision=PREC)
+        kv = _advance(kv, k, v, rate, offs, tl.minimum(T - start, BLOCK), PREC)
     tl.store(HT + st, kv, mask=st_ok)
 
 
@@ -98,36 +118,22 @@ def _dq_kernel(
     HAS_H0: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid ``(B * H, n_e)``: ``DQ [n_e, B, H, T, D]`` fp32, the slice's share of ``dq``; ``DO [B, H, T, Dv]``."""
-    bh = tl.program_id(0).to(tl.int64)
+    bh, b, h, hk, d, ev, d_ok, e_ok, st, st_ok = _program(H, G, D, E, BLOCK_D, BLOCK_E)
     pe = tl.program_id(1)
-    b, h = bh // H, bh % H
-    hk = h // G
     nbh = tl.num_programs(0).to(tl.int64)
     rate = tl.load(RATE + h)
     mask, q_dec, offs = _decays(rate, BLOCK)
-    d = tl.arange(0, BLOCK_D)
-    ev = pe * BLOCK_E + tl.arange(0, BLOCK_E)
-    d_ok, e_ok = d < D, ev < E
-    st = (bh * D + d[:, None]) * E + ev[None, :]
-    if HAS_H0:
-        kv = tl.load(H0 + st, mask=d_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
-    else:
-        kv = tl.zeros([BLOCK_D, BLOCK_E], tl.float32)
+    kv = _initial_state(H0, st, st_ok, HAS_H0, BLOCK_D, BLOCK_E)
     for start in range(0, T, BLOCK):
         t = start + offs
         t_ok = t < T
-        k = tl.load(K + b * s_kb + hk * s_kh + t[:, None] * s_kt + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(V + b * s_vb + hk * s_vh + t[:, None] * s_vt + ev[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0)
-        do = tl.load(DO + ((bh * T + t[:, None]) * E + ev[None, :]), mask=t_ok[:, None] & e_ok[None, :], other=0.0)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-        do = do.to(tl.float32)
+        k = _rows(K + b * s_kb + hk * s_kh, t, s_kt, d, t_ok, d_ok)
+        v = _rows(V + b * s_vb + hk * s_vh, t, s_vt, ev, t_ok, e_ok)
+        do = _rows(DO + bh * T * E, t, E, ev, t_ok, e_ok)
         dov = tl.dot(do, tl.trans(v), input_precision=PREC) * mask
         dq = tl.dot(dov, k, input_precision=PREC) + tl.dot(do * q_dec[:, None], tl.trans(kv), input_precision=PREC)
         tl.store(DQ + (((pe * nbh + bh) * T + t[:, None]) * D + d[None, :]), dq * scale, mask=t_ok[:, None] & d_ok[None, :])
-        m = tl.minimum(T - start, BLOCK)
-        kt = k * _tail(rate, offs, m)[:, None]
-        kv = tl.exp(-rate * m.to(tl.float32)) * kv + tl.dot(tl.trans(kt), v, input_precision=PREC)
+        kv = _advance(kv, k, v, rate, offs, tl.minimum(T - start, BLOCK), PREC)
 
 
 @triton.jit
@@ -139,18 +145,11 @@ def _dkdv_kernel(
 ):
     """Grid ``(B * H, n_e)``: ``DK [n_e, B, H, T, D]`` fp32 (the slice's share), ``DV [B, H, T, Dv]`` fp32
     (per query head), ``DH0 [B, H, D, Dv]`` fp32; ``DHT [B, H, D, Dv]`` the final state's gradient."""
-    bh = tl.program_id(0).to(tl.int64)
+    bh, b, h, hk, d, ev, d_ok, e_ok, st, st_ok = _program(H, G, D, E, BLOCK_D, BLOCK_E)
     pe = tl.program_id(1)
-    b, h = bh // H, bh % H
-    hk = h // G
     nbh = tl.num_programs(0).to(tl.int64)
     rate = tl.load(RATE + h)
     mask, q_dec, offs = _decays(rate, BLOCK)
-    d = tl.arange(0, BLOCK_D)
-    ev = pe * BLOCK_E + tl.arange(0, BLOCK_E)
-    d_ok, e_ok = d < D, ev < E
-    st = (bh * D + d[:, None]) * E + ev[None, :]
-    st_ok = d_ok[:, None] & e_ok[None, :]
     r = tl.load(DHT + st, mask=st_ok, other=0.0).to(tl.float32)
     n_blocks = tl.cdiv(T, BLOCK)
     for i in range(0, n_blocks):
@@ -159,14 +158,10 @@ def _dkdv_kernel(
         t_ok = t < T
         td_ok = t_ok[:, None] & d_ok[None, :]
         te_ok = t_ok[:, None] & e_ok[None, :]
-        q = tl.load(Q + b * s_qb + h * s_qh + t[:, None] * s_qt + d[None, :], mask=td_ok, other=0.0)
-        k = tl.load(K + b * s_kb + hk * s_kh + t[:, None] * s_kt + d[None, :], mask=td_ok, other=0.0)
-        v = tl.load(V + b * s_vb + hk * s_vh + t[:, None] * s_vt + ev[None, :], mask=te_ok, other=0.0)
-        do = tl.load(DO + ((bh * T + t[:, None]) * E + ev[None, :]), mask=te_ok, other=0.0)
-        q = q.to(tl.float32) * scale
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-        do = do.to(tl.float32)
+        q = _rows(Q + b * s_qb + h * s_qh, t, s_qt, d, t_ok, d_ok) * scale
+        k = _rows(K + b * s_kb + hk * s_kh, t, s_kt, d, t_ok, d_ok)
+        v = _rows(V + b * s_vb + hk * s_vh, t, s_vt, ev, t_ok, e_ok)
+        do = _rows(DO + bh * T * E, t, E, ev, t_ok, e_ok)
         m = tl.minimum(T - start, BLOCK)
         tail = _tail(rate, offs, m)[:, None]
         dov = tl.dot(do, tl.trans(v), input_precision=PREC) * mask  # [a, b]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..backends import resolve_backend
-from .chunk import lla_chunk
-from .naive import lla_naive, lla_weights
+from .chunk import check_stream_options, lla_chunk
+from .naive import check_inputs, lla_naive, lla_weights
 from .recurrent import local_linear_attention_step
 
 __all__ = ["local_linear_attention", "local_linear_attention_step", "lla_weights"]
@@ -67,6 +67,8 @@ def local_linear_attention(
     Returns:
         ``[B, H, Tq, Dv]`` in ``q.dtype`` (math in float32; float64 for float64 inputs).
     """
+    ridge, scale, block_size = check_inputs(q, k, v, ridge, scale, causal, block_size, key_mask)
+    check_stream_options(cg_max_iters, cg_tol, chunk_size)
     name = resolve_backend(backend, q.device, needs_grad=False, needs_lse=False, supports=("reference", "torch"))
     if name == "reference":
         return lla_naive(q, k, v, ridge, scale, causal, block_size, key_mask, delta_eps)

@@ -29,9 +29,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .naive import check_inputs
+from ..layout import check_int
 
-__all__ = ["lla_chunk"]
+__all__ = ["check_stream_options", "lla_chunk"]
+
+
+def check_stream_options(cg_max_iters: object, cg_tol: object, chunk_size: object) -> None:
+    """``ValueError`` naming the argument unless ``cg_max_iters`` is an int >= 0, ``cg_tol`` a number >= 0
+    and ``chunk_size`` an int >= 1."""
+    check_int("cg_max_iters", cg_max_iters, 0)
+    check_int("chunk_size", chunk_size, 1)
+    if isinstance(cg_tol, bool) or not isinstance(cg_tol, numbers.Real) or not cg_tol >= 0:
+        raise ValueError(f"cg_tol={cg_tol!r} must be a number >= 0")
 
 
 @dataclass
@@ -174,27 +183,21 @@ def lla_chunk(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ridge: float = 10.0,
-    scale: float | None = None,
-    causal: bool = True,
-    cg_max_iters: int = 32,
-    cg_tol: float = 1e-6,
-    block_size: int | None = None,
-    chunk_size: int = 64,
+    ridge: float,
+    scale: float,
+    causal: bool,
+    cg_max_iters: int,
+    cg_tol: float,
+    block_size: int,
+    chunk_size: int,
     key_mask: torch.Tensor | None = None,
     delta_eps: float = 1e-12,
     precondition: bool = False,
 ) -> torch.Tensor:
-    """Streamed LLA: ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]`` -> ``[B, H, Tq, Dv]``
-    in ``q.dtype`` (math in float32, float64 for float64 inputs). Arguments as in
-    :func:`vzoo.kernels.lla.local_linear_attention`."""
-    ridge, scale, block_size = check_inputs(q, k, v, ridge, scale, causal, block_size, key_mask)
-    if isinstance(cg_max_iters, bool) or not isinstance(cg_max_iters, int) or cg_max_iters < 0:
-        raise ValueError(f"cg_max_iters={cg_max_iters!r} must be an int >= 0")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
-    if isinstance(cg_tol, bool) or not isinstance(cg_tol, numbers.Real) or not cg_tol >= 0:
-        raise ValueError(f"cg_tol={cg_tol!r} must be a number >= 0")
+    """Streamed LLA of checked inputs (:func:`..naive.check_inputs`, which also resolves ``scale`` and
+    ``block_size``, and :func:`check_stream_options`): ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B,
+    Hkv, Tk, Dv]`` -> ``[B, H, Tq, Dv]`` in ``q.dtype`` (math in float32, float64 for float64 inputs).
+    Arguments as in :func:`vzoo.kernels.lla.local_linear_attention`."""
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, h, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]

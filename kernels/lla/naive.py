@@ -20,21 +20,12 @@ import numbers
 
 import torch
 
+from ..block_sparse import resolve_scale
+from ..layout import check_flag, check_int
+
 __all__ = ["check_inputs", "lla_naive", "lla_weights", "visible"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_number(name: str, value: object, low: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < low:
-        raise ValueError(f"{name}={value!r} must be a finite number >= {low}")
-    return float(value)
-
-
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
-    return value
 
 
 def check_inputs(
@@ -68,16 +59,18 @@ def check_inputs(
         raise ValueError(f"q and k need the same head dim >= 1, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal={causal!r} must be a bool")
+    check_flag("causal", causal)
     if causal and q.shape[2] > k.shape[2]:
         raise ValueError(
             f"causal with {q.shape[2]} queries over {k.shape[2]} keys: queries are the last Tq key positions, need Tq <= Tk"
         )
-    ridge = _check_number("ridge", ridge, 0.0)
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else _check_number("scale", scale, -math.inf)
+    if isinstance(ridge, bool) or not isinstance(ridge, numbers.Real) or not math.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge={ridge!r} must be a finite number >= 0")
     d = q.shape[3]
-    block_size = d if block_size is None else _check_int("block_size", block_size, 1)
+    scale = resolve_scale(scale, d)
+    if block_size is None:
+        block_size = d
+    check_int("block_size", block_size, 1)
     if d % block_size:
         raise ValueError(f"block_size={block_size} must divide the head dim D={d}")
     if key_mask is not None:
@@ -90,7 +83,7 @@ def check_inputs(
             )
         if key_mask.device != k.device:
             raise ValueError(f"key_mask is on {key_mask.device}, k on {k.device}")
-    return ridge, scale, block_size
+    return float(ridge), scale, block_size
 
 
 def visible(tq: int, tk: int, causal: bool, device: torch.device | str | None = None) -> torch.Tensor:
@@ -121,6 +114,21 @@ def lla_weights(
     ``dtype=torch.float64``, else float32) such that the output is ``S @ v``. Rows sum to 1 up to
     ``delta_eps``; entries can be negative. A query that sees no key gets a zero row."""
     ridge, scale, block_size = check_inputs(q, k, k, ridge, scale, causal, block_size, key_mask)
+    return _weights(q, k, ridge, scale, causal, block_size, key_mask, delta_eps, dtype)
+
+
+def _weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    ridge: float,
+    scale: float,
+    causal: bool,
+    block_size: int,
+    key_mask: torch.Tensor | None,
+    delta_eps: float,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """:func:`lla_weights` of checked inputs (``scale`` and ``block_size`` resolved by :func:`check_inputs`)."""
     ct = _compute_dtype(q, dtype)
     b, h, tq, d = q.shape
     g = h // k.shape[1]
@@ -155,18 +163,18 @@ def lla_naive(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    ridge: float = 10.0,
-    scale: float | None = None,
-    causal: bool = True,
-    block_size: int | None = None,
+    ridge: float,
+    scale: float,
+    causal: bool,
+    block_size: int,
     key_mask: torch.Tensor | None = None,
     delta_eps: float = 1e-12,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Dense LLA: ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]`` -> ``[B, H, Tq, Dv]`` in
-    ``q.dtype``; differentiable (autograd through ``torch.linalg.solve``)."""
-    check_inputs(q, k, v, ridge, scale, causal, block_size, key_mask)
-    s = lla_weights(q, k, ridge, scale, causal, block_size, key_mask, delta_eps, dtype)
+    """Dense LLA of checked inputs (:func:`check_inputs`, which also resolves ``scale`` and ``block_size``):
+    ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]`` -> ``[B, H, Tq, Dv]`` in ``q.dtype``;
+    differentiable (autograd through ``torch.linalg.solve``)."""
+    s = _weights(q, k, ridge, scale, causal, block_size, key_mask, delta_eps, dtype)
     vc = v.to(s.dtype) if key_mask is None else v.to(s.dtype).masked_fill(~key_mask[:, None, :, None], 0)
     vc = vc.repeat_interleave(q.shape[1] // k.shape[1], 1)
     return (s @ vc).to(q.dtype)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .chunk import lla_chunk
+from .chunk import check_stream_options, lla_chunk
+from .naive import check_inputs
 
 __all__ = ["local_linear_attention_step"]
 
@@ -46,6 +47,9 @@ def local_linear_attention_step(
         raise ValueError(f"q must be a 3-D tensor [B, H, D], got {got}")
     if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 and k_cache.shape[2] == 0:
         raise ValueError("k_cache is empty: the cache must hold the new token's key")
-    out = lla_chunk(q.unsqueeze(2), k_cache, v_cache, ridge, scale, True, cg_max_iters, cg_tol, block_size,
-                    chunk_size, key_mask, delta_eps, precondition)
+    q = q.unsqueeze(2)
+    ridge, scale, block_size = check_inputs(q, k_cache, v_cache, ridge, scale, True, block_size, key_mask)
+    check_stream_options(cg_max_iters, cg_tol, chunk_size)
+    out = lla_chunk(q, k_cache, v_cache, ridge, scale, True, cg_max_iters, cg_tol, block_size, chunk_size, key_mask,
+                    delta_eps, precondition)
     return out.squeeze(2)

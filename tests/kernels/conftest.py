@@ -74,6 +74,41 @@ def rel_rms(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((ref - got).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12))
 
 
+def close_or_fail(ref: torch.Tensor, out: torch.Tensor, ratio: float) -> None:
+    """fla's rule: ``out`` has ``ref``'s shape, no NaN, and max |diff| <= 1e-6 or relative RMS error < ``ratio``."""
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
+    assert not torch.isnan(out.detach()).any(), "NaN in the result"
+    diff = float((ref.detach().cpu().double() - out.detach().cpu().double()).abs().max()) if ref.numel() else 0.0
+    rel = rel_rms(ref, out) if ref.numel() else 0.0
+    assert diff <= 1e-6 or rel < ratio, f"max |diff| {diff:.3g} > 1e-6 and relative RMS error {rel:.3g} >= {ratio}"
+
+
+@pytest.fixture(scope="session")
+def assert_close():
+    """``assert_close(ref, out, ratio)``: fla's closeness rule (:func:`close_or_fail`)."""
+    return close_or_fail
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """``calls = spy(module, "f", "g")`` wraps those functions of ``module`` for this test: each call
+    appends its name to ``calls`` (in call order), then runs the function."""
+    calls: list[str] = []
+
+    def wrap(name, fn):
+        def recorded(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return recorded
+
+    def install(module, *names: str) -> list[str]:
+        for name in names:
+            monkeypatch.setattr(module, name, wrap(name, getattr(module, name)))
+        return calls
+
+    return install
+
+
 # Where the Triton backend runs: the GPU when there is one, else the CPU under TRITON_INTERPRET=1.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

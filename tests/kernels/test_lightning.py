@@ -42,15 +42,6 @@ def loop_reference(q, k, v, rates, h0, scale):
     return torch.stack(outs, 2), state
 
 
-def close(ref, got, ratio):
-    """fla's rule: max |diff| <= 1e-6, or relative RMS error below ``ratio``; never NaN."""
-    ref, got = ref.detach().double(), got.detach().double()
-    assert not torch.isnan(got).any()
-    diff = (ref - got).abs().max().item()
-    rel = ((ref - got).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-    assert diff <= 1e-6 or rel < ratio, (diff, rel)
-
-
 def make(b, h, hk, t, d, e, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(b, h, t, d, generator=g), torch.randn(b, hk, t, d, generator=g)
@@ -84,7 +75,7 @@ def forward_and_grads(fn, inputs, w, w2):
 @pytest.mark.parametrize("decay", [None, "slopes", "strong"])
 @pytest.mark.parametrize("shape", [(2, 4, 2, 37, 8, 6, 8), (1, 2, 2, 64, 16, 16, 16), (1, 4, 1, 13, 4, 5, 64)],
                          ids=["gqa-ragged", "aligned", "mqa-short"])
-def test_matches_loop_with_gradients(impl, decay, shape):
+def test_matches_loop_with_gradients(impl, decay, shape, assert_close):
     b, h, hk, t, d, e, chunk = shape
     q, k, v, h0 = make(b, h, hk, t, d, e)
     rates = None if decay is None else RATES[decay](h)
@@ -94,13 +85,13 @@ def test_matches_loop_with_gradients(impl, decay, shape):
     want = forward_and_grads(lambda q, k, v, h0: loop_reference(q, k, v, rates, h0, 0.5), (q, k, v, h0), w, w2)
     for name, a, c in zip(("out", "final", "dq", "dk", "dv", "dh0"), want, got):
         assert c.shape == a.shape, name
-        close(a, c, 1e-5)
+        assert_close(a, c, 1e-5)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
 
 
 @pytest.mark.parametrize("impl", ["torch", "left"])
 @pytest.mark.parametrize("decay", [None, "slopes"])
-def test_fp16(impl, decay):
+def test_fp16(impl, decay, assert_close):
     q, k, v, h0 = make(1, 4, 2, 45, 16, 16, dtype=torch.float16)
     rates = None if decay is None else RATES[decay](4)
     g = torch.Generator().manual_seed(2)
@@ -109,39 +100,39 @@ def test_fp16(impl, decay):
     want = forward_and_grads(lambda q, k, v, h0: loop_reference(q, k, v, rates, h0, 0.25), (q, k, v, h0), w, w2)
     assert got[0].dtype == torch.float16 and got[2].dtype == torch.float16 and got[1].dtype == torch.float32
     for a, c in zip(want, got):
-        close(a, c, 1e-2)
+        assert_close(a, c, 1e-2)
 
 
-def test_no_initial_state_and_float_decay():
+def test_no_initial_state_and_float_decay(assert_close):
     q, k, v, _ = make(2, 2, 2, 30, 8, 8)
     ref, ref_final = loop_reference(q, k, v, torch.full((2,), 0.2), None, 1.0)
     out, final = lightning_attention(q, k, v, 0.2, output_final_state=True, chunk_size=7)
-    close(ref, out, 1e-5)
-    close(ref_final, final, 1e-5)
+    assert_close(ref, out, 1e-5)
+    assert_close(ref_final, final, 1e-5)
     only = lightning_attention(q, k, v, 0.2, chunk_size=7)  # without output_final_state: just the tensor
     assert torch.equal(only, out)
 
 
 @pytest.mark.parametrize("decay", [None, "slopes"])
-def test_chaining_and_decoding(decay):
+def test_chaining_and_decoding(decay, assert_close):
     """Two halves with the carried state equal one run; prefill then one step per token (the decode path) too."""
     q, k, v, h0 = make(2, 4, 2, 40, 8, 8)
     rates = None if decay is None else RATES[decay](4)
     full, full_state = lightning_attention(q, k, v, rates, h0, True, chunk_size=16)
     a, state = lightning_attention(q[:, :, :23], k[:, :, :23], v[:, :, :23], rates, h0, True, chunk_size=16)
     b, state2 = lightning_attention(q[:, :, 23:], k[:, :, 23:], v[:, :, 23:], rates, state, True, chunk_size=16)
-    close(full, torch.cat([a, b], 2), 1e-6)
-    close(full_state, state2, 1e-6)
+    assert_close(full, torch.cat([a, b], 2), 1e-6)
+    assert_close(full_state, state2, 1e-6)
     steps = []
     for i in range(23, 40):
         o, state = lightning_attention_step(q[:, :, i], k[:, :, i], v[:, :, i], state, rates)
         steps.append(o)
-    close(full[:, :, 23:], torch.stack(steps, 2), 1e-6)
-    close(full_state, state, 1e-6)
+    assert_close(full[:, :, 23:], torch.stack(steps, 2), 1e-6)
+    assert_close(full_state, state, 1e-6)
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_many_segments(monkeypatch, grad):
+def test_many_segments(monkeypatch, grad, assert_close):
     """The chunk path runs long sequences in segments that carry the state; here one block per segment."""
     from vzoo.kernels.lightning import chunk
 
@@ -152,11 +143,11 @@ def test_many_segments(monkeypatch, grad):
     with torch.set_grad_enabled(grad):
         q.requires_grad_(grad)
         out, final = lightning_attention(q, k, v, rates, h0, True, chunk_size=4)
-    close(want, out, 1e-5)
-    close(want_final, final, 1e-5)
+    assert_close(want, out, 1e-5)
+    assert_close(want_final, final, 1e-5)
     if grad:
         want_dq = torch.autograd.grad(loop_reference(q, k, v, rates, h0, 1.0)[0].sum(), q)[0]
-        close(want_dq, torch.autograd.grad(out.sum(), q)[0], 1e-5)
+        assert_close(want_dq, torch.autograd.grad(out.sum(), q)[0], 1e-5)
 
 
 @pytest.mark.parametrize("impl", ["torch", "left", "reference"])
@@ -203,7 +194,7 @@ def test_slopes_by_hand():
     dict(h=4, hk=2, t=23, d=8, e=20, decay="strong", h0=True, chunk=16),
     dict(h=2, hk=1, t=29, d=16, e=70, decay="slopes", h0=True, chunk=8),  # two value slices, ragged last block
 ], ids=["plain", "gqa-strong-state", "mqa-slices"])
-def test_triton_interpreter(triton_device, case):
+def test_triton_interpreter(triton_device, case, assert_close):
     b = 1
     q, k, v, h0 = make(b, case["h"], case["hk"], case["t"], case["d"], case["e"])
     rates = None if case["decay"] is None else RATES[case["decay"]](case["h"])
@@ -222,28 +213,19 @@ def test_triton_interpreter(triton_device, case):
     want = forward_and_grads(lambda q, k, v, *h: loop_reference(q, k, v, rates, h[0] if h else None, 0.5),
                              [q, k, v] + ([h0] if h0 is not None else []), w, w2)
     for a, c in zip(want, got):
-        close(a, c.cpu(), 1e-5)
+        assert_close(a, c.cpu(), 1e-5)
 
 
-def test_use_backend_routes_to_the_implementation(monkeypatch):
+def test_use_backend_routes_to_the_implementation(spy, assert_close):
     """``backend=None`` follows ``vzoo.kernels.use_backend``; an explicit backend wins; the block ends cleanly."""
-    calls = []
-
-    def spy(name, fn):
-        def wrapped(*args):
-            calls.append(name)
-            return fn(*args)
-        return wrapped
-
-    for name in ("lightning_naive", "lightning_chunk", "lightning_left"):
-        monkeypatch.setattr(lightning, name, spy(name, getattr(lightning, name)))
+    calls = spy(lightning, "lightning_naive", "lightning_chunk", "lightning_left")
     q, k, v, _ = make(1, 2, 2, 9, 4, 4)
     want = loop_reference(q, k, v, torch.full((2,), 0.2), None, 1.0)[0]
     with vk.use_backend("reference"):
-        close(want, vk.lightning_attention(q, k, v, 0.2, chunk_size=4), 1e-6)
-        close(want, vk.lightning_attention(q, k, v, 0.2, chunk_size=4, strategy="left"), 1e-6)
-        close(want, vk.lightning_attention(q, k, v, 0.2, chunk_size=4, backend="torch"), 1e-6)
-    close(want, vk.lightning_attention(q, k, v, 0.2, chunk_size=4, strategy="left"), 1e-6)
+        assert_close(want, vk.lightning_attention(q, k, v, 0.2, chunk_size=4), 1e-6)
+        assert_close(want, vk.lightning_attention(q, k, v, 0.2, chunk_size=4, strategy="left"), 1e-6)
+        assert_close(want, vk.lightning_attention(q, k, v, 0.2, chunk_size=4, backend="torch"), 1e-6)
+    assert_close(want, vk.lightning_attention(q, k, v, 0.2, chunk_size=4, strategy="left"), 1e-6)
     assert calls == ["lightning_naive", "lightning_naive", "lightning_chunk", "lightning_left"]
     with vk.use_backend("flex"), pytest.raises(RuntimeError, match="backend 'flex' does not implement this op"):
         vk.lightning_attention(q, k, v, 0.2)

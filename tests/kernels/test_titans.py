@@ -53,15 +53,6 @@ def inputs(bsz=2, t=11, d=6, hidden=(8,), dv=None, seed=0):
     return [q, k, v, lr, eta, alpha], ws
 
 
-def rel_rms(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-
-
-def close(a, b, tol):
-    return (a.double() - b.double()).abs().max().item() <= 1e-6 or rel_rms(a, b) < tol
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_delta_rule(backend):
     """Linear memory, eta = alpha = 0, batch_size 1: W <- W - 2 theta (W k - v) k^T, token after token."""
@@ -81,7 +72,7 @@ def test_delta_rule(backend):
 @pytest.mark.parametrize("b", [1, 4])
 @pytest.mark.parametrize("hidden,residual", [((), False), ((8,), False), ((8,), True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_loop_with_gradients(backend, b, hidden, residual, dtype):
+def test_matches_loop_with_gradients(backend, b, hidden, residual, dtype, assert_close):
     xs, ws = inputs(hidden=hidden, seed=b)
     weight = torch.randn(2, 11, 6, generator=torch.Generator().manual_seed(9))
     leaves = [t.to(dtype).requires_grad_() for t in (*xs, *ws)]
@@ -96,21 +87,22 @@ def test_matches_loop_with_gradients(backend, b, hidden, residual, dtype):
     loss_ref = (y_ref * weight.double()).sum() + sum((w * w).sum() for w in w_ref + m_ref)
     want = torch.autograd.grad(loss_ref, ref)
     tol = 2e-5 if dtype == torch.float32 else 1e-2
-    assert close(y, y_ref, tol)
-    for a, c in zip(state.weights + state.momentum, w_ref + m_ref):
-        assert close(a, c, tol)
-    for i, (a, c) in enumerate(zip(got, want)):
-        assert close(a, c, tol), i
+    assert_close(y_ref, y, tol)
+    for out, ref in zip(state.weights + state.momentum, w_ref + m_ref):
+        assert_close(ref, out, tol)
+    for out, ref in zip(got, want):
+        assert_close(ref, out, tol)
 
 
-def test_alpha_one_forgets():
+def test_alpha_one_forgets(assert_close):
     """alpha = 1 => M_t = S_t: the weights after a token are its momentum (random eta, batch_size 4)."""
     (q, k, v, lr, eta, _), ws = inputs(t=10)
     _, state = neural_memory(q, k, v, lr, eta, torch.ones_like(lr), ws, batch_size=4, output_final_state=True)
     for w, s in zip(state.weights, state.momentum):
         assert torch.equal(w, s)
     _, ref_w, ref_m = loop(q, k, v, lr, eta, torch.ones_like(lr), ws, 4)
-    assert all(close(a, c, 1e-5) for a, c in zip(state.weights, ref_w))
+    for out, ref in zip(state.weights, ref_w):
+        assert_close(ref, out, 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,18 +153,9 @@ def test_prefill_then_steps(b, split):
         assert torch.allclose(a, c, atol=1e-5)
 
 
-def test_use_backend_routes_to_the_implementation(monkeypatch):
+def test_use_backend_routes_to_the_implementation(spy):
     """``backend=None`` follows ``vzoo.kernels.use_backend``; explicit ``"torch"`` / ``"recurrent"`` win."""
-    calls = []
-
-    def spy(name, fn):
-        def wrapped(*args):
-            calls.append(name)
-            return fn(*args)
-        return wrapped
-
-    for name in ("neural_memory_naive", "neural_memory_chunk", "neural_memory_recurrent"):
-        monkeypatch.setattr(titans, name, spy(name, getattr(titans, name)))
+    calls = spy(titans, "neural_memory_naive", "neural_memory_chunk", "neural_memory_recurrent")
     xs, ws = inputs(t=4)
     with vk.use_backend("reference"):
         vk.neural_memory(*xs, ws)

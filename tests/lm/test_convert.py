@@ -162,3 +162,22 @@ def test_registry_lists_each_module_swap_once():
         assert listed[entry.name].modality == "language" and "vzoo.lm.convert" in listed[entry.name].status
         assert lm_layer(entry.config()) is entry
         assert getattr(vzoo.lm, entry.config.__name__) is entry.config
+
+
+def test_every_layer_keeps_qwen2_qkv_biases():
+    """Qwen2's attention has q/k/v biases without an ``attention_bias`` config field: each layer builds and copies them."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128)
+    for entry in lm_layers():
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg).eval()
+        with torch.no_grad():
+            model.model.layers[0].self_attn.k_proj.bias.normal_()
+        old_bias = model.model.layers[0].self_attn.k_proj.bias.clone()
+        layer = vzoo.lm.convert(model, entry.config(layers=(0,))).model.layers[0].self_attn
+        assert layer.k_proj.bias is not None, entry.name
+        assert layer.o_proj.bias is None, entry.name
+        if layer.k_proj.bias.shape == old_bias.shape:
+            assert torch.equal(layer.k_proj.bias, old_bias), entry.name

@@ -33,8 +33,8 @@ from vzoo.registry import Method, register_method
 from .layers import select_layers
 
 __all__ = [
-    "LMLayer", "RecurrentState", "convert", "layer_state", "lm_layer", "lm_layers", "load_converted", "register_lm_layer",
-    "token_validity",
+    "LMLayer", "ModelDims", "RecurrentState", "check_layers", "convert", "copy_projections", "layer_state", "lm_layer",
+    "lm_layers", "load_converted", "register_lm_layer", "token_validity",
 ]
 
 
@@ -56,6 +56,64 @@ class LMLayer:
     def __post_init__(self) -> None:
         if not dataclasses.is_dataclass(self.config) or "layers" not in {f.name for f in dataclasses.fields(self.config)}:
             raise ValueError(f"LMLayer {self.name!r}: config {self.config.__name__} must be a dataclass with a 'layers' field")
+
+
+def check_layers(owner: str, layers: object) -> None:
+    """The check of a config's ``layers`` field: ``ValueError`` naming ``owner.layers`` unless it is ``None``
+    or a tuple of layer indices >= 0 (the model's layer count is checked at conversion)."""
+    if layers is None:
+        return
+    if not isinstance(layers, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise ValueError(f"{owner}.layers={layers!r} must be None or a tuple of non-negative layer indices")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What a layer reads from the transformers text config: ``ModelDims.of(model_config)``.
+
+    ``bias`` is ``attention_bias`` (False where the config has none); ``qkv_bias`` also holds for Qwen2,
+    whose attention has q / k / v biases without an ``attention_bias`` field."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    num_layers: int
+    bias: bool
+    qkv_bias: bool
+    eps: float
+
+    @classmethod
+    def of(cls, model_config) -> ModelDims:
+        hidden, heads = model_config.hidden_size, model_config.num_attention_heads
+        bias = getattr(model_config, "attention_bias", None)
+        return cls(
+            hidden=hidden, heads=heads, kv_heads=getattr(model_config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(model_config, "head_dim", None) or hidden // heads, num_layers=model_config.num_hidden_layers,
+            bias=bool(bias), qkv_bias=bool(getattr(model_config, "model_type", "") == "qwen2" if bias is None else bias),
+            eps=float(getattr(model_config, "rms_norm_eps", 1e-6)),
+        )
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """Fresh ``q_proj, k_proj, v_proj, o_proj`` of the model's attention shapes (GQA: ``k, v`` have
+        ``kv_heads``), created in that order; biases as the model's attention has them (``qkv_bias`` for
+        ``q, k, v``, ``bias`` for ``o``)."""
+        inner, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return (nn.Linear(self.hidden, inner, bias=self.qkv_bias), nn.Linear(self.hidden, kv, bias=self.qkv_bias),
+                nn.Linear(self.hidden, kv, bias=self.qkv_bias), nn.Linear(inner, self.hidden, bias=self.bias))
+
+
+@torch.no_grad()
+def copy_projections(dst: nn.Module, attn: nn.Module, names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")) -> None:
+    """``init_from_attention``'s copy: each linear ``names`` of ``attn`` into ``dst``'s linear of that name
+    (weight, and bias where both have one) when the weight shapes match; the others keep their init."""
+    for name in names:
+        src, out = getattr(attn, name, None), getattr(dst, name)
+        if src is None or src.weight.shape != out.weight.shape:
+            continue
+        out.weight.copy_(src.weight)
+        if out.bias is not None and getattr(src, "bias", None) is not None:
+            out.bias.copy_(src.bias)
 
 
 _LAYERS: dict[str, LMLayer] = {}

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from vzoo.kernels.lightning import fla_decay, lightning_attention, lightning_attention_step, transnormer_decay
 
-from .convert import LMLayer, layer_state, register_lm_layer, token_validity
+from .convert import LMLayer, ModelDims, check_layers, copy_projections, layer_state, register_lm_layer, token_validity
 
 __all__ = ["LightningAttention", "LightningConfig"]
 
@@ -66,11 +66,7 @@ class LightningConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        def index(i: object) -> bool:
-            return isinstance(i, int) and not isinstance(i, bool) and i >= 0
-
-        if self.layers is not None and (not isinstance(self.layers, tuple) or not all(index(i) for i in self.layers)):
-            raise ValueError(f"LightningConfig.layers={self.layers!r} must be None or a tuple of non-negative layer indices")
+        check_layers("LightningConfig", self.layers)
         for name, allowed in (("decay", _DECAYS), ("activation", _ACTIVATIONS), ("norm", _NORMS), ("gate", _GATES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"LightningConfig.{name}={getattr(self, name)!r} must be one of {allowed}")
@@ -90,39 +86,24 @@ class LightningAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        hidden = model_config.hidden_size
-        self.num_heads = model_config.num_attention_heads
-        self.num_kv_heads = getattr(model_config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(model_config, "head_dim", None) or hidden // self.num_heads
-        self.eps = float(getattr(model_config, "rms_norm_eps", 1e-6))
-        bias = bool(getattr(model_config, "attention_bias", False))
+        dims = ModelDims.of(model_config)
+        self.num_heads, self.num_kv_heads, self.head_dim, self.eps = dims.heads, dims.kv_heads, dims.head_dim, dims.eps
         inner = self.num_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, inner, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(inner, hidden, bias=bias)
-        self.u_proj = nn.Linear(hidden, inner, bias=False) if config.gate != "none" else None
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = dims.projections()
+        self.u_proj = nn.Linear(dims.hidden, inner, bias=False) if config.gate != "none" else None
         self.norm_weight = nn.Parameter(torch.ones(inner)) if config.norm == "rms" else None
-        num_layers = model_config.num_hidden_layers
         if config.decay == "alibi":
-            rates = transnormer_decay(self.num_heads, layer_idx, num_layers)
+            rates = transnormer_decay(self.num_heads, layer_idx, dims.num_layers)
         elif config.decay == "fla":
-            rates = fla_decay(self.num_heads, layer_idx, num_layers)
+            rates = fla_decay(self.num_heads, layer_idx, dims.num_layers)
         else:
             rates = None
         self.rates = None if rates is None else tuple(rates.tolist())  # kept in fp32 whatever the model dtype
         self._rates_cache: dict[torch.device, torch.Tensor] = {}
 
-    @torch.no_grad()
     def init_from_attention(self, attn: nn.Module) -> None:
         """Copy ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (weights and biases) from the replaced attention."""
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            src, dst = getattr(attn, name, None), getattr(self, name)
-            if src is None or src.weight.shape != dst.weight.shape:
-                continue
-            dst.weight.copy_(src.weight)
-            if dst.bias is not None and getattr(src, "bias", None) is not None:
-                dst.bias.copy_(src.bias)
+        copy_projections(self, attn)
 
     def decay(self, device: torch.device) -> torch.Tensor | None:
         """The per-head rates ``[H]`` (float32 on ``device``), or ``None`` without decay."""

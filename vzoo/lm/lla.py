@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from vzoo.kernels.lla import local_linear_attention
 
-from .convert import LMLayer, layer_state, register_lm_layer, token_validity
+from .convert import LMLayer, ModelDims, check_layers, copy_projections, layer_state, register_lm_layer, token_validity
 
 __all__ = ["LLAConfig", "LocalLinearAttention"]
 
@@ -46,11 +46,7 @@ class LLAConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        def index(i) -> bool:
-            return isinstance(i, int) and not isinstance(i, bool) and i >= 0
-
-        if self.layers is not None and (not isinstance(self.layers, tuple) or not all(index(i) for i in self.layers)):
-            raise ValueError(f"LLAConfig.layers={self.layers!r} must be None or a tuple of non-negative layer indices")
+        check_layers("LLAConfig", self.layers)
         for name, low in (("ridge", 0.0), ("cg_tol", 0.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
@@ -59,7 +55,9 @@ class LLAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"LLAConfig.{name}={value!r} must be an int >= {low}")
-        if self.block_size is not None and (not index(self.block_size) or self.block_size < 1):
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1
+        ):
             raise ValueError(f"LLAConfig.block_size={self.block_size!r} must be None or an int >= 1")
         if self.backend not in (None, "torch", "reference"):
             raise ValueError(f"LLAConfig.backend={self.backend!r} must be None, 'torch' or 'reference'")
@@ -72,28 +70,15 @@ class LocalLinearAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        hidden = model_config.hidden_size
-        self.num_heads = model_config.num_attention_heads
-        self.num_kv_heads = getattr(model_config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(model_config, "head_dim", None) or hidden // self.num_heads
+        dims = ModelDims.of(model_config)
+        self.num_heads, self.num_kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         if config.block_size is not None and self.head_dim % config.block_size:
             raise ValueError(f"LLAConfig.block_size={config.block_size} must divide the head dim {self.head_dim}")
-        bias = bool(getattr(model_config, "attention_bias", False))
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = dims.projections()
 
-    @torch.no_grad()
     def init_from_attention(self, attn: nn.Module) -> None:
         """Copy ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (weights and biases) from the replaced attention."""
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            src, dst = getattr(attn, name, None), getattr(self, name)
-            if src is None or src.weight.shape != dst.weight.shape:
-                continue
-            dst.weight.copy_(src.weight)
-            if dst.bias is not None and getattr(src, "bias", None) is not None:
-                dst.bias.copy_(src.bias)
+        copy_projections(self, attn)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from vzoo.kernels.rat import RATState, rat_attention, rat_step
 
-from .convert import LMLayer, layer_state, register_lm_layer, token_validity
+from .convert import LMLayer, ModelDims, check_layers, copy_projections, layer_state, register_lm_layer, token_validity
 
 __all__ = ["RATConfig", "RATLayer"]
 
@@ -57,11 +57,7 @@ class RATConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        if self.layers is not None and (
-            not isinstance(self.layers, tuple)
-            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)
-        ):
-            raise ValueError(f"RATConfig.layers={self.layers!r} must be None or a tuple of non-negative layer indices")
+        check_layers("RATConfig", self.layers)
         for name in ("chunk_size", "ngroups"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -80,19 +76,17 @@ class RATLayer(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        hidden = model_config.hidden_size
-        self.num_heads = model_config.num_attention_heads
-        self.num_kv_heads = getattr(model_config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(model_config, "head_dim", None) or hidden // self.num_heads
+        dims = ModelDims.of(model_config)
+        hidden, bias, qkv_bias = dims.hidden, dims.bias, dims.qkv_bias
+        self.num_heads, self.num_kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
         if self.num_heads % config.ngroups:
             raise ValueError(f"RATConfig.ngroups={config.ngroups} must divide the {self.num_heads} attention heads")
         if self.head_dim % 2:
             raise ValueError(f"RAT's inter-chunk RoPE needs an even head dim, got {self.head_dim}")
         width, groups = self.num_heads * self.head_dim, config.ngroups * self.head_dim
-        bias = bool(getattr(model_config, "attention_bias", False))
-        self.q_proj = nn.Linear(hidden, groups, bias=bias)
-        self.k_proj = nn.Linear(hidden, groups, bias=bias)
-        self.v_proj = nn.Linear(hidden, width, bias=bias)
+        self.q_proj = nn.Linear(hidden, groups, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, groups, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, width, bias=qkv_bias)
         self.o_proj = nn.Linear(width, hidden, bias=bias)
         self.z_proj = nn.Linear(hidden, width, bias=False)  # output gate
         self.g_proj = nn.Linear(hidden, width, bias=False)  # forget gate, with gate_bias
@@ -115,8 +109,8 @@ class RATLayer(nn.Module):
             return
         per_kv = self.num_heads // self.num_kv_heads  # the attention's GQA: query head h reads kv head h // per_kv
         first = [g * per_group for g in range(self.config.ngroups)]
+        copy_projections(self, attn, ("o_proj",))
         plans = {
-            "o_proj": None,
             "v_proj": [h // per_kv for h in range(self.num_heads)],
             "q_proj": first,
             "k_proj": [h // per_kv for h in first],
@@ -124,12 +118,6 @@ class RATLayer(nn.Module):
         for name, heads in plans.items():
             src, dst = getattr(attn, name, None), getattr(self, name)
             if src is None:
-                continue
-            if heads is None:
-                if src.weight.shape == dst.weight.shape:
-                    dst.weight.copy_(src.weight)
-                    if dst.bias is not None and getattr(src, "bias", None) is not None:
-                        dst.bias.copy_(src.bias)
                 continue
             rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in heads]).to(src.weight.device)
             if int(rows.max()) >= src.weight.shape[0]:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from vzoo.kernels import sink_window_attention
 from vzoo.kernels.titans import MemoryState, memory_mlp, neural_memory
 
-from .convert import LMLayer, layer_state, register_lm_layer, token_validity
+from .convert import LMLayer, ModelDims, check_layers, copy_projections, layer_state, register_lm_layer, token_validity
 
 __all__ = ["MACBlock", "MAGBlock", "MALBlock", "NeuralMemory", "TitansConfig", "titans_layer"]
 
@@ -71,9 +71,7 @@ class TitansConfig:
     memory_residual: bool = False
 
     def __post_init__(self) -> None:
-        if self.layers is not None and (not isinstance(self.layers, tuple)
-                                        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
-            raise ValueError(f"layers={self.layers!r} must be None or a tuple of layer indices >= 0")
+        check_layers("TitansConfig", self.layers)
         if self.variant not in _VARIANTS:
             raise ValueError(f"variant={self.variant!r} must be one of {', '.join(_VARIANTS)}")
         for name, low in (("window", 1), ("segment", 1), ("persistent_tokens", 0), ("memory_depth", 1),
@@ -159,32 +157,18 @@ class _TitansBlock(nn.Module):
     def __init__(self, config: TitansConfig, model_config, layer_idx: int) -> None:
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
-        hidden = model_config.hidden_size
-        self.heads = model_config.num_attention_heads
-        self.kv_heads = getattr(model_config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(model_config, "head_dim", None) or hidden // self.heads
-        qkv_bias = getattr(model_config, "attention_bias", getattr(model_config, "model_type", "") == "qwen2")
-        out_bias = getattr(model_config, "attention_bias", False)
-        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=out_bias)
+        dims = ModelDims.of(model_config)
+        self.heads, self.kv_heads, self.head_dim = dims.heads, dims.kv_heads, dims.head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = dims.projections()
         n = config.persistent_tokens
         self.persistent_k = nn.Parameter(torch.randn(self.kv_heads, n, self.head_dim) / math.sqrt(self.head_dim))
         self.persistent_v = nn.Parameter(torch.randn(self.kv_heads, n, self.head_dim) / math.sqrt(self.head_dim))
-        self.memory = NeuralMemory(hidden, self.heads, self.head_dim, config.memory_depth, config.memory_expansion,
+        self.memory = NeuralMemory(dims.hidden, self.heads, self.head_dim, config.memory_depth, config.memory_expansion,
                                    config.batch_size, config.max_lr, config.activation, config.memory_residual)
 
     def init_from_attention(self, attn: nn.Module) -> None:
         """Copy the replaced attention's q / k / v / o projections (weights and biases) where the shapes match."""
-        with torch.no_grad():
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                src, dst = getattr(attn, name, None), getattr(self, name)
-                if src is None or src.weight.shape != dst.weight.shape:
-                    continue
-                dst.weight.copy_(src.weight)
-                if dst.bias is not None and getattr(src, "bias", None) is not None:
-                    dst.bias.copy_(src.bias)
+        copy_projections(self, attn)
 
     def _project(self, x: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]`` with RoPE on ``q, k``."""
