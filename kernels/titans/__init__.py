@@ -8,6 +8,13 @@ A fast-weight MLP memory written at test time with gradient descent plus momentu
     M_t = (1 - alpha_t) M_{t-1} + S_t                  (forgetting, on the whole weights as in the paper)
     y_t = M_G(q_t)                                     (read: no update)
 
+Stabiliser (not in the paper): ``max_grad_norm = c`` soft-clamps every per-token gradient of every weight
+matrix, ``grad * c tanh(||grad||_F / c) / ||grad||_F``, before it enters ``u_t`` (lucidrains' ``max_grad_norm``;
+its clamped norm ``c/2 (1 + tanh(2 n / c))`` maps ``n = 0`` to ``c/2``, ours is ~``n`` for small norms).
+Without it the update can diverge: the MLP memory's gradient grows like the cube of its weights, so a large
+``theta`` times a mini-batch of gradients summed at one point (plus momentum) makes the weights grow
+super-exponentially over mini-batches; the clamp bounds ``||u_t|| < theta_t c``.
+
 Conventions: token ``t`` reads the memory as it was when its mini-batch of ``batch_size`` tokens began
 (``batch_size=1``: ``M_{t-1}``, the paper's MAC read ``M*_{t-1}(q_t)``; lucidrains likewise reads the weights
 of the last completed chunk), so its output never depends on itself or later tokens. Mini-batches are
@@ -18,6 +25,7 @@ float32 whatever the input dtype; ``y`` comes back in ``q.dtype``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -59,6 +67,7 @@ def neural_memory(
     batch_size: int = 1,
     activation: str = "gelu",
     residual: bool = False,
+    max_grad_norm: float | None = None,
     output_final_state: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, MemoryState | None]:
@@ -74,6 +83,8 @@ def neural_memory(
         batch_size: mini-batch size ``b``; gradients inside a mini-batch are taken at its start.
         activation: ``"gelu"`` or ``"silu"`` between the MLP's layers.
         residual: ``M(k) = k + MLP(k)`` (needs ``Dk == Dv``).
+        max_grad_norm: soft-clamp each per-token gradient of each weight matrix to a Frobenius norm below this
+            (``None``: no clamp, the paper's rule).
         output_final_state: also return the state after the last token.
         backend: vzoo's ``"torch"`` (parallel mini-batch scan, :mod:`.chunk`) or ``"reference"`` (token loop
             with autograd gradients, :mod:`.naive`); ``"recurrent"`` (token steps, the decoding path); ``None``
@@ -100,6 +111,9 @@ def neural_memory(
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if activation not in ("gelu", "silu"):
         raise ValueError(f"activation must be 'gelu' or 'silu', got {activation!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                      or not 0 < max_grad_norm < math.inf):
+        raise ValueError(f"max_grad_norm must be None or a finite number > 0, got {max_grad_norm!r}")
     if residual and k.shape[-1] != v.shape[-1]:
         raise ValueError(f"residual memory needs Dk == Dv, got {k.shape[-1]} and {v.shape[-1]}")
     if backend == "recurrent":
@@ -124,5 +138,5 @@ def neural_memory(
         ws = _check_weights("weights", weights, b, dk, dv, q.device)
         state = MemoryState(ws, ws, tuple(torch.zeros_like(w) for w in ws), 0)
     y, final = run(q.float(), k.float(), v.float(), lr.float(), momentum.float(), decay.float(), state, batch_size,
-                   activation, residual)
+                   activation, residual, None if max_grad_norm is None else float(max_grad_norm))
     return y.to(q.dtype), (final if output_final_state else None)

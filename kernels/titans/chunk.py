@@ -13,6 +13,8 @@ with ``P[t, i] = prod_{i<j<=t} eta_j``, ``E_t = prod_{j<=t} eta_j``, ``c_t = pro
 ``A = prod_j (1 - alpha_j)``; each weighted sum of outer products is one batched matmul, and the
 products are cumulative products of masked matrices (no division, so gates of exactly 0 are safe).
 Mini-batches run in sequence (each starts from the previous one's end). Differentiable by autograd.
+The optional soft clamp of each per-token gradient (``max_grad_norm``) needs no materialised gradient: the
+Frobenius norm of ``delta_l a_{l-1}^T`` is ``||delta_l|| ||a_{l-1}||``, and the factor joins the coefficients.
 Matches :mod:`.naive` (the per-token gradients of lucidrains/titans-pytorch ``NeuralMemory``, taken at
 the weights of the call start, here refreshed every ``batch_size`` tokens).
 """
@@ -23,7 +25,7 @@ import math
 
 import torch
 
-from .naive import MemoryState, Weights, memory_mlp
+from .naive import MemoryState, Weights, memory_mlp, soft_clamp_scale
 
 __all__ = ["memory_grad_sums", "neural_memory_chunk"]
 
@@ -37,13 +39,14 @@ def _act_and_slope(z: torch.Tensor, activation: str) -> tuple[torch.Tensor, torc
 
 
 def memory_grad_sums(weights: Weights, k: torch.Tensor, v: torch.Tensor, coefs: torch.Tensor, activation: str,
-                     residual: bool) -> list[Weights]:
+                     residual: bool, max_grad_norm: float | None = None) -> list[Weights]:
     """Weighted sums of per-token gradients of ``||M_W(k_i) - v_i||^2`` at ``weights``.
 
     Args:
         weights: ``W_l [B, out_l, in_l]``.
         k, v: ``[B, n, Dk]``, ``[B, n, Dv]``.
         coefs: ``[C, B, n]``, ``C`` sets of per-token coefficients.
+        max_grad_norm: soft-clamp each per-token gradient of each ``W_l`` first (:func:`.naive.soft_clamp_scale`).
 
     Returns:
         ``C`` tuples like ``weights``: ``sum_i coefs[c, :, i] * grad_i``.
@@ -61,8 +64,12 @@ def memory_grad_sums(weights: Weights, k: torch.Tensor, v: torch.Tensor, coefs: 
     delta = 2 * ((h + k if residual else h) - v)  # [B, n, Dv]
     sums: list[list[torch.Tensor]] = [[] for _ in range(coefs.shape[0])]
     for layer in range(len(weights) - 1, -1, -1):
+        scaled = delta
+        if max_grad_norm is not None:  # ||delta a^T||_F = ||delta|| ||a||
+            norm = delta.norm(dim=-1) * acts[layer].norm(dim=-1)
+            scaled = delta * soft_clamp_scale(norm, max_grad_norm)[..., None]
         for c in range(coefs.shape[0]):
-            sums[c].append((delta * coefs[c, :, :, None]).transpose(-1, -2) @ acts[layer])
+            sums[c].append((scaled * coefs[c, :, :, None]).transpose(-1, -2) @ acts[layer])
         if layer:
             delta = (delta @ weights[layer]) * slopes[layer - 1]
     return [tuple(reversed(s)) for s in sums]
@@ -88,7 +95,7 @@ def _combine(decay: torch.Tensor, base: Weights, scale_s: torch.Tensor, mom: Wei
 
 
 def neural_memory_chunk(q, k, v, lr, momentum, decay, state: MemoryState, batch_size: int, activation: str,
-                        residual: bool) -> tuple[torch.Tensor, MemoryState]:
+                        residual: bool, max_grad_norm: float | None = None) -> tuple[torch.Tensor, MemoryState]:
     """Parallel form, same contract as :func:`.naive.neural_memory_naive` (float32 inputs)."""
     read, weights, mom, offset = state
     outs = []
@@ -99,7 +106,8 @@ def neural_memory_chunk(q, k, v, lr, momentum, decay, state: MemoryState, batch_
         coef_m, coef_s, keep_all = _scan_coefficients(momentum[:, a:e], 1 - decay[:, a:e])
         theta = -lr[:, a:e]
         sums_m, sums_s = memory_grad_sums(read, k[:, a:e], v[:, a:e],
-                                          torch.stack([coef_m[:, 1:] * theta, coef_s[:, 1:] * theta]), activation, residual)
+                                          torch.stack([coef_m[:, 1:] * theta, coef_s[:, 1:] * theta]), activation, residual,
+                                          max_grad_norm)
         weights = _combine(keep_all, weights, coef_m[:, 0], mom, sums_m)
         mom = tuple(coef_s[:, 0, None, None] * s + g for s, g in zip(mom, sums_s))
         offset += e - a

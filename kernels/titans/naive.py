@@ -9,7 +9,9 @@ mini-batch started from, then runs the momentum / decay recurrence of the paper:
     M_t = (1 - alpha_t) M_{t-1} + S_t
 
 and reads ``y_t = M_G(q_t)``: the memory as it was when the token's mini-batch began (with
-``batch_size=1``: ``M_{t-1}``). When a mini-batch is complete ``G <- M_t``. Gradients here come from
+``batch_size=1``: ``M_{t-1}``). When a mini-batch is complete ``G <- M_t``. With ``max_grad_norm = c`` each
+per-token gradient of each weight matrix is first soft-clamped, ``g * c tanh(||g||_F / c) / ||g||_F``
+(:func:`soft_clamp_scale`; lucidrains' ``max_grad_norm``), which the paper does not do. Gradients here come from
 ``torch.func.grad``; :mod:`.chunk` is the parallel form of the same computation.
 """
 
@@ -20,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MemoryState", "memory_mlp", "neural_memory_naive"]
+__all__ = ["MemoryState", "memory_mlp", "neural_memory_naive", "soft_clamp_scale"]
 
 Weights = tuple[torch.Tensor, ...]
 
@@ -53,8 +55,15 @@ def memory_mlp(weights: Weights, x: torch.Tensor, activation: str = "gelu", resi
     return h + x if residual else h
 
 
+def soft_clamp_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor ``c tanh(n / c) / n`` that soft-clamps a gradient of norm ``n >= 0`` to a norm below ``c``
+    (about 1 while ``n << c``; 1 at ``n = 0``, with finite derivatives there)."""
+    n = norm.clamp_min(torch.finfo(norm.dtype).tiny)
+    return torch.tanh(n / max_norm) * max_norm / n
+
+
 def neural_memory_naive(q, k, v, lr, momentum, decay, state: MemoryState, batch_size: int, activation: str,
-                        residual: bool) -> tuple[torch.Tensor, MemoryState]:
+                        residual: bool, max_grad_norm: float | None = None) -> tuple[torch.Tensor, MemoryState]:
     """Token loop. ``q, k [B, T, Dk]``, ``v [B, T, Dv]``, gates ``[B, T]``, all float32.
 
     Returns ``y [B, T, Dv]`` (float32) and the state after the last token."""
@@ -69,6 +78,8 @@ def neural_memory_naive(q, k, v, lr, momentum, decay, state: MemoryState, batch_
     for t in range(q.shape[1]):
         outs.append(memory_mlp(read, q[:, t : t + 1], activation, residual))
         g = grad(read, k[:, t : t + 1], v[:, t : t + 1])
+        if max_grad_norm is not None:
+            g = tuple(gi * soft_clamp_scale(gi.flatten(1).norm(dim=1), max_grad_norm)[:, None, None] for gi in g)
         theta, eta, keep = lr[:, t, None, None], momentum[:, t, None, None], 1 - decay[:, t, None, None]
         mom = tuple(eta * s - theta * gi for s, gi in zip(mom, g))
         weights = tuple(keep * w + s for w, s in zip(weights, mom))

@@ -1,6 +1,8 @@
 """Titans neural memory: every backend against a float64 token loop written here (autograd gradients of the
 MLP loss), forward and gradients, fp32 and fp16; the delta rule, alpha = 1, memorisation, causality,
-prefill + decode == one pass, backend selection by ``use_backend``, bad input."""
+prefill + decode == one pass, backend selection by ``use_backend``, bad input; the soft clamp of the per-token
+gradients (``max_grad_norm``): against the loop, the bound it puts on a token's update, zero gradients, and the
+divergence it prevents."""
 
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ def mlp(ws, x, residual):
     return h + x if residual else h
 
 
-def loop(q, k, v, lr, eta, alpha, ws, b, residual=False):
-    """float64; token t reads the weights of its mini-batch's start; each gradient is taken there."""
+def loop(q, k, v, lr, eta, alpha, ws, b, residual=False, clamp=None):
+    """float64; token t reads the weights of its mini-batch's start; each gradient is taken there (and, with
+    ``clamp = c``, rescaled to the norm ``c tanh(|g| / c)``, ``|g|`` the Frobenius norm of one row's matrix)."""
     q, k, v, lr, eta, alpha = (t.double() for t in (q, k, v, lr, eta, alpha))
     ws = [w.double() if w.requires_grad else w.double().requires_grad_() for w in ws]  # autograd.grad needs a graph
     start, mom = list(ws), [torch.zeros_like(w) for w in ws]
@@ -36,6 +39,9 @@ def loop(q, k, v, lr, eta, alpha, ws, b, residual=False):
         loss = (mlp(start, k[:, t], residual) - v[:, t]).pow(2).sum()
         grads = torch.autograd.grad(loss, start, create_graph=True)
         for i, g in enumerate(grads):
+            if clamp is not None:
+                norm = g.pow(2).sum((1, 2)).sqrt()[:, None, None]
+                g = g * (clamp * torch.tanh(norm / clamp) / norm)
             mom[i] = eta[:, t, None, None] * mom[i] - lr[:, t, None, None] * g
             ws[i] = (1 - alpha[:, t, None, None]) * ws[i] + mom[i]
     return torch.stack(ys, 1), ws, mom
@@ -72,18 +78,20 @@ def test_delta_rule(backend):
 @pytest.mark.parametrize("b", [1, 4])
 @pytest.mark.parametrize("hidden,residual", [((), False), ((8,), False), ((8,), True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_matches_loop_with_gradients(backend, b, hidden, residual, dtype, assert_close):
+@pytest.mark.parametrize("clamp", [None, 5.0])
+def test_matches_loop_with_gradients(backend, b, hidden, residual, dtype, clamp, assert_close):
+    """Also with ``clamp`` (per-token gradient norms here are ~1 to 80: mildly clamped on some, saturated on others)."""
     xs, ws = inputs(hidden=hidden, seed=b)
     weight = torch.randn(2, 11, 6, generator=torch.Generator().manual_seed(9))
     leaves = [t.to(dtype).requires_grad_() for t in (*xs, *ws)]
     y, state = neural_memory(*leaves[:6], tuple(leaves[6:]), batch_size=b, residual=residual, output_final_state=True,
-                             backend=backend)
+                             max_grad_norm=clamp, backend=backend)
     assert y.dtype == dtype and all(w.dtype == torch.float32 for w in state.weights)
     loss = (y.float() * weight).sum() + sum((w * w).sum() for w in state.weights + state.momentum)
     got = torch.autograd.grad(loss, leaves)
 
     ref = [t.detach().double().requires_grad_() for t in (*xs, *ws)]
-    y_ref, w_ref, m_ref = loop(*ref[:6], ref[6:], b, residual)
+    y_ref, w_ref, m_ref = loop(*ref[:6], ref[6:], b, residual, clamp)
     loss_ref = (y_ref * weight.double()).sum() + sum((w * w).sum() for w in w_ref + m_ref)
     want = torch.autograd.grad(loss_ref, ref)
     tol = 2e-5 if dtype == torch.float32 else 1e-2
@@ -92,6 +100,64 @@ def test_matches_loop_with_gradients(backend, b, hidden, residual, dtype, assert
         assert_close(ref, out, tol)
     for out, ref in zip(got, want):
         assert_close(ref, out, tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamp_bounds_each_update(backend):
+    """eta = alpha = 0, batch_size 1: token t moves each weight matrix by exactly u_t, and the clamp keeps
+    ||u_t|| = theta_t c tanh(||g_t|| / c) < theta_t c even for gradients 1e4 times larger; unclamped they are not."""
+    (q, k, v, lr, _, _), ws = inputs(t=6)
+    v = 1e4 * v
+    zero = torch.zeros_like(lr)
+    clamp = 0.5
+    prev = ws
+    for t in range(6):
+        _, state = neural_memory(q[:, : t + 1], k[:, : t + 1], v[:, : t + 1], lr[:, : t + 1], zero[:, : t + 1],
+                                 zero[:, : t + 1], ws, max_grad_norm=clamp, output_final_state=True, backend=backend)
+        _, free = neural_memory(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], lr[:, t : t + 1], zero[:, :1],
+                                zero[:, :1], prev, output_final_state=True, backend=backend)
+        for w, p, f in zip(state.weights, prev, free.weights):
+            step = (w - p).flatten(1).norm(dim=1)
+            assert (step <= lr[:, t] * clamp * (1 + 1e-5)).all() and (step >= lr[:, t] * clamp * 0.99).all()
+            assert ((f - p).flatten(1).norm(dim=1) > 100 * lr[:, t] * clamp).all()
+        prev = state.weights
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamp_of_a_zero_gradient(backend):
+    """A token the memory already stores exactly (gradient 0) changes nothing, and every gradient stays finite."""
+    (q, k, _, lr, eta, alpha), (w,) = inputs(t=5, hidden=())
+    leaves = [t.clone().requires_grad_() for t in (q, k, lr, eta, alpha, w)]
+    q_, k_, lr_, eta_, alpha_, w_ = leaves
+    v = torch.einsum("boi,bti->bto", w_, k_).detach()  # M(k) = v: zero surprise
+    y, state = neural_memory(q_, k_, v, lr_, eta_, torch.zeros_like(alpha_), (w_,), max_grad_norm=1.0,
+                             output_final_state=True, backend=backend)
+    assert torch.allclose(state.weights[0], w, atol=1e-6)
+    grads = torch.autograd.grad(y.sum() + state.weights[0].sum(), [q_, k_, lr_, w_])
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clamp_prevents_divergence(backend):
+    """The MQAR failure in small: a 2-layer memory, theta 0.1, eta 0.9, 16-token mini-batches, values of norm ~17.
+    The paper's rule overflows float32 within four mini-batches (each sums 16 gradients taken at one point, and
+    the MLP's gradient grows like the cube of its weights); clamped, the weights move by at most
+    sum_t sum_{s <= t} eta^(t-s) theta c."""
+    g = torch.Generator().manual_seed(0)
+    bsz, t, d = 2, 64, 8
+    k = torch.nn.functional.normalize(torch.randn(bsz, t, d, generator=g), dim=-1)
+    v = 6 * torch.randn(bsz, t, d, generator=g)
+    lr, eta, alpha = torch.full((bsz, t), 0.1), torch.full((bsz, t), 0.9), torch.zeros(bsz, t)
+    ws = tuple(torch.randn(bsz, o, i, generator=g) / i**0.5 for i, o in ((d, 2 * d), (2 * d, d)))
+    y, free = neural_memory(k, k, v, lr, eta, alpha, ws, batch_size=16, output_final_state=True, backend=backend)
+    assert not all(torch.isfinite(w).all() for w in free.weights) and y[:, 48:].abs().amax() > 1e20
+    clamp = 1.0
+    y, state = neural_memory(k, k, v, lr, eta, alpha, ws, batch_size=16, max_grad_norm=clamp, output_final_state=True,
+                             backend=backend)
+    assert torch.isfinite(y).all()
+    bound = sum(sum(0.9 ** (j - s) * 0.1 * clamp for s in range(j + 1)) for j in range(t))
+    for w, w0 in zip(state.weights, ws):
+        assert ((w - w0).flatten(1).norm(dim=1) <= bound).all()
 
 
 def test_alpha_one_forgets(assert_close):
@@ -176,6 +242,8 @@ def test_bad_inputs():
         ((q, k, v, lr[:, :3], eta, alpha, ws), {}, "lr must be"),
         ((q, k, v, lr, eta, alpha, ws), dict(batch_size=0), "batch_size"),
         ((q, k, v, lr, eta, alpha, ws), dict(activation="relu"), "activation"),
+        ((q, k, v, lr, eta, alpha, ws), dict(max_grad_norm=0.0), "max_grad_norm"),
+        ((q, k, v, lr, eta, alpha, ws), dict(max_grad_norm=float("nan")), "max_grad_norm"),
         ((q, k, v, lr, eta, alpha, ws), dict(backend="chunk"), "unknown backend 'chunk'; choose one of reference"),
         ((q, k, v, lr, eta, alpha, ws[:1]), {}, "gives 8 features"),
         ((q, k, v, lr, eta, alpha, (ws[0][:1], ws[1])), {}, r"weights\[0\]"),

@@ -66,6 +66,10 @@ class RefMemory:
         with torch.enable_grad():
             ws = [w.detach().requires_grad_() for w in self.start]
             grads = torch.autograd.grad((self.mlp(ws, k) - v).pow(2).sum(), ws)
+        c = self.m.max_grad_norm
+        if c is not None:  # soft clamp of each (batch row, head)'s gradient matrix to norm c tanh(|g| / c)
+            norms = [g.pow(2).sum((2, 3), keepdim=True).sqrt() for g in grads]
+            grads = [g * (c * torch.tanh(n / c) / n) for g, n in zip(grads, norms)]
         self.mom = [eta * s - self.m.max_lr * lr * g for s, g in zip(self.mom, grads)]
         self.cur = [(1 - alpha) * w + s for w, s in zip(self.cur, self.mom)]
         self.t += 1
@@ -119,8 +123,9 @@ def reference(layer, x, cos, sin, cfg):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_layer_matches_reference(variant):
-    model = tiny(variant)
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_layer_matches_reference(variant, max_grad_norm):
+    model = tiny(variant, max_grad_norm=max_grad_norm)
     layer = model.model.layers[1].self_attn
     seen = {}
 
@@ -207,6 +212,7 @@ def test_padding_refused():
     (dict(variant="mat"), "variant"), (dict(window=0), "window"), (dict(persistent_tokens=-1), "persistent_tokens"),
     (dict(memory_depth=0), "memory_depth"), (dict(max_lr=0.0), "max_lr"), (dict(activation="relu"), "activation"),
     (dict(variant="mac", segment=10, batch_size=4), "divide"), (dict(layers=[1]), "layers"),
+    (dict(max_grad_norm=0), "max_grad_norm"), (dict(max_grad_norm=float("inf")), "max_grad_norm"),
 ])
 def test_config_checks(kwargs, word):
     with pytest.raises(ValueError, match=word):
