@@ -83,6 +83,32 @@ def _bench_lm(args: argparse.Namespace) -> None:
     print(format_lm(lm_rows(tokens, args.repeats)))
 
 
+def _bench_linear(args: argparse.Namespace) -> None:
+    import importlib.util
+
+    from vzoo.bench_linear import (
+        check_linear_bar, decode_rows, format_decode, format_speed, layer_decode_rows, speed_rows,
+    )
+
+    repeats = min(args.repeats, 2)
+    print(f"\nlinear and recurrent attention vs causal SDPA: B=1 H=4 D=64 fp32 CPU, median of {repeats}")
+    speed = speed_rows([8192, 16384, 32768], modes=("fwd",), ops=["lightning", "rat (chunk 16)"], repeats=repeats)
+    speed += speed_rows([32768], modes=("fwd+bwd",), ops=["lightning"], repeats=repeats)
+    print(format_speed(speed))
+    decode = decode_rows()
+    if importlib.util.find_spec("transformers") is not None:
+        from vzoo.lm import LightningConfig, RATConfig
+
+        decode += layer_decode_rows({"sdpa": None, "lightning": LightningConfig(), "rat (chunk 16)": RATConfig()})
+    print(format_decode(decode))
+    print("\n".join(check_linear_bar(speed, decode)))
+    if importlib.util.find_spec("transformers") is not None:
+        from vzoo.mqar import format_table, mqar_rows
+
+        print(format_table(mqar_rows(quick=True), "\nMQAR (multi-query associative recall): tiny 2-layer models "
+                           "trained from scratch, quick budget (benchmarks/linear.py trains to convergence)"))
+
+
 def _generate(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -266,6 +292,7 @@ def _bench(args: argparse.Namespace) -> int:
     _bench_neighborhood(args, device)
     _bench_video(args)
     _bench_lm(args)
+    _bench_linear(args)
     _bench_backbones(args, device)
     return 1 if args.strict and not all(v.startswith("PASS") for v in verdicts) else 0
 
