@@ -60,11 +60,13 @@ def _decayed_scan(
 
 
 def _segment(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor, h0: torch.Tensor | None, c: int
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor, h0: torch.Tensor | None, c: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lightning-2 over one segment (head-expanded, scaled, accumulation dtype; ``h0`` the state before
-    it or ``None`` for zeros): every block's products at once. Returns ``o [B, H, N, C, Dv]`` (blocks; the
-    last one zero-padded) and the state after the segment's tokens."""
+    """Lightning-2 over one segment (head-expanded, accumulation dtype, ``q`` not yet scaled: ``scale`` goes
+    into the decay factors, saving a pass over ``q``; ``h0`` the state before it or ``None`` for zeros):
+    every block's products at once. Returns ``o [B, H, N, C, Dv]`` (blocks; the last one zero-padded) and
+    the state after the segment's tokens."""
     bsz, h, length, d = q.shape
     e = v.shape[-1]
     n = -(-length // c)
@@ -76,8 +78,8 @@ def _segment(
     idx = torch.arange(c, device=q.device)
     diff = idx[:, None] - idx[None, :]
     dt = q.dtype
-    mask = _exp_decay(rates, diff.to(dt), diff >= 0)  # [H, C, C]: lambda^(a-b), a >= b
-    q_decay = _exp_decay(rates, (idx + 1).to(dt))[:, None, :, None]  # [H, 1, C, 1]: lambda^(a+1)
+    mask = _exp_decay(rates, diff.to(dt), diff >= 0) * scale  # [H, C, C]: scale lambda^(a-b), a >= b
+    q_decay = _exp_decay(rates, (idx + 1).to(dt))[:, None, :, None] * scale  # [H, 1, C, 1]: scale lambda^(a+1)
     k_decay = _exp_decay(rates, (c - 1 - idx).to(dt))[:, None, :, None]  # lambda^(C-1-b)
     out = ((qb @ kb.transpose(-1, -2)) * mask[:, None]) @ vb
     contrib = (kb * k_decay).transpose(-1, -2) @ vb  # [B, H, N, D, Dv]
@@ -108,7 +110,7 @@ def lightning_chunk(
     bsz, h, t, d = q.shape
     e = v.shape[-1]
     c = max(1, min(chunk_size, t))
-    q, k, v, rates = prepare(q, k, v, s, scale)
+    q, k, v, rates = prepare(q, k, v, s, 1.0)  # the scale is applied in _segment
     state = None if initial_state is None else initial_state.to(q.dtype)
     seg = c * max(1, SEGMENT_ELEMENTS // (bsz * h * c * max(c, d, e)))
     # Without autograd each segment's output goes straight into the result (no list of live segments and
@@ -118,7 +120,7 @@ def lightning_chunk(
     out = None if tracked else q.new_empty(bsz, h, t, e)
     outs, start = [], 0
     for qs, ks, vs in zip(q.split(seg, 2), k.split(seg, 2), v.split(seg, 2)):  # split: one gradient buffer, not one per slice
-        part, state = _segment(qs, ks, vs, rates, state, c)
+        part, state = _segment(qs, ks, vs, rates, state, c, scale)
         length = qs.shape[2]
         part = part.reshape(bsz, h, -1, e)[:, :, :length]
         if out is None:
