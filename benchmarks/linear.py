@@ -83,6 +83,8 @@ def hybrid(a: argparse.Namespace, out: Path) -> dict:
     }
     rows = []
     for name, (cfg, window) in cases.items():
+        if a.hybrid_rows and not any(s.lower() in name.lower() for s in a.hybrid_rows):
+            continue
         rows.append(hybrid_finetune(name, cfg, local_window=window, steps=a.hybrid_steps))
         print(format_hybrid(rows[-1:]), flush=True)
         write_json_atomic({"hybrid": [asdict(r) for r in rows]}, out / "results_hybrid_partial.json")
@@ -100,7 +102,8 @@ def main() -> None:
     p.add_argument("--only", choices=["speed", "mqar", "hybrid"], help="run one part (default: speed and mqar)")
     p.add_argument("--quick", action="store_true", help="MQAR with the quick budget (far from converged)")
     p.add_argument("--rows", nargs="+", help="MQAR: only rows whose label contains one of these (any case)")
-    p.add_argument("--hybrid-steps", type=int, default=200)
+    p.add_argument("--hybrid-steps", type=int, default=150)
+    p.add_argument("--hybrid-rows", nargs="+", help="hybrid: only cases whose name contains one of these")
     p.add_argument("--out", default="linear_results", help="folder for the PNGs and results.json")
     a = p.parse_args()
     out = Path(a.out)
