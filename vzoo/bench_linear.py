@@ -9,6 +9,7 @@ settings its layer uses by default: Lightning with the ALiBi-style decay slopes,
 
 from __future__ import annotations
 
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -162,15 +163,25 @@ DECODE: dict[str, Callable[[int], Callable[[], object]]] = {
 }
 
 
+def _interleaved_us(steps: dict[int, Callable[[], object]], calls: int, rounds: int = 5) -> dict[int, float]:
+    """Microseconds per call of each context's ``step``: the median over ``rounds`` rounds that time every
+    context in turn (``calls // rounds`` calls each, median), so a slow spell of a shared CPU hits all alike."""
+    per_round: dict[int, list[float]] = {c: [] for c in steps}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for c, step in steps.items():
+                per_round[c].append(median_ms(step, torch.device("cpu"), max(1, calls // rounds), warmup=2) * 1e3)
+    return {c: statistics.median(v) for c, v in per_round.items()}
+
+
 def decode_rows(contexts: Sequence[int] = (1024, 32768), steps: int = 200) -> list[DecodeRow]:
-    """Microseconds per decoded token (median over ``steps`` single-token calls) after ``context`` tokens.
-    RAT's step is timed on the same state each call (a step at a chunk end appends its summary)."""
+    """Microseconds per decoded token after ``context`` tokens (:func:`_interleaved_us` over ``steps``
+    single-token calls). RAT's step is timed on the same state each call (a step at a chunk end appends its
+    summary)."""
     rows = []
     for op, make in DECODE.items():
-        for c in contexts:
-            step = make(c)
-            with torch.no_grad():
-                rows.append(DecodeRow(op, c, median_ms(step, torch.device("cpu"), steps, warmup=5) * 1e3))
+        us = _interleaved_us({c: make(c) for c in contexts}, steps)
+        rows += [DecodeRow(op, c, us[c]) for c in contexts]
     return rows
 
 
@@ -184,22 +195,22 @@ def layer_decode_rows(configs: dict[str, object | None], contexts: Sequence[int]
     import vzoo.lm
     from vzoo.bench_lm import narrow_llama
 
+    def layer_step(config, c: int) -> Callable[[], object]:
+        model = narrow_llama(c + steps + 32, layers=1)
+        if config is not None:
+            vzoo.lm.convert(model, config)
+        attn, cache = model.model.layers[0].self_attn, DynamicCache(config=model.config)
+        with torch.no_grad():
+            x = torch.randn(1, c + 1, model.config.hidden_size)
+            cos, sin = model.model.rotary_emb(x, torch.arange(c + 1)[None])
+            attn(x[:, :c], position_embeddings=(cos[:, :c], sin[:, :c]), attention_mask=None, cache=cache)
+        one, pe = x[:, c:], (cos[:, c:], sin[:, c:])
+        return lambda: attn(one, position_embeddings=pe, attention_mask=None, cache=cache)
+
     rows = []
     for name, config in configs.items():
-        for c in contexts:
-            model = narrow_llama(c + steps + 8, layers=1)
-            if config is not None:
-                vzoo.lm.convert(model, config)
-            attn, cache = model.model.layers[0].self_attn, DynamicCache(config=model.config)
-            position = torch.arange(c + 1)[None]
-            with torch.no_grad():
-                x = torch.randn(1, c + 1, model.config.hidden_size)
-                cos, sin = model.model.rotary_emb(x, position)
-                attn(x[:, :c], position_embeddings=(cos[:, :c], sin[:, :c]), attention_mask=None, cache=cache)
-                one, pe = x[:, c:], (cos[:, c:], sin[:, c:])
-                ms = median_ms(lambda: attn(one, position_embeddings=pe, attention_mask=None, cache=cache),
-                               torch.device("cpu"), steps, warmup=5)
-            rows.append(DecodeRow(f"{name} layer", c, ms * 1e3))
+        us = _interleaved_us({c: layer_step(config, c) for c in contexts}, steps)
+        rows += [DecodeRow(f"{name} layer", c, us[c]) for c in contexts]
     return rows
 
 
