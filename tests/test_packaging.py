@@ -74,7 +74,11 @@ def test_import_vzoo_kernels_stays_light(tmp_path):  # a fresh interpreter
     assert loaded == "[]"
 
 
-@pytest.mark.parametrize("order", ["import vzoo, timm", "import timm, vzoo", "import vzoo; from vzoo import ContMix; import timm"])
+@pytest.mark.parametrize("order", [
+    "import vzoo, timm", "import timm, vzoo", "import vzoo; from vzoo import ContMix; import timm",
+    # a probe for timm before the import (transformers' availability checks do this) must not disarm the hook
+    "import vzoo, importlib.util; importlib.util.find_spec('timm'); import timm",
+])
 def test_import_vzoo_registers_the_timm_models_whatever_the_order(order, tmp_path):
     assert _run(f"{order}; print(timm.is_model('biformer_tiny'), timm.is_model('overlock_xt'))", tmp_path) == "True True"
 

@@ -55,19 +55,26 @@ def register_timm_models(finished: str | None = None) -> None:
 
 class _RegisterWithTimm(importlib.abc.MetaPathFinder):
     """Registers vzoo's timm models (imports :mod:`vzoo.backbones`) right after timm itself has loaded:
-    wraps the loader of the ``timm`` package once, then leaves ``sys.meta_path``."""
+    wraps the loader of every ``timm`` spec it is asked for, and leaves ``sys.meta_path`` once timm really
+    loads (a mere probe such as transformers' ``importlib.util.find_spec("timm")`` leaves it in place)."""
 
     def find_spec(self, name, path, target=None):
         if name != "timm":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("timm")
+        at = sys.meta_path.index(self)
+        sys.meta_path.remove(self)  # find the real spec without asking this finder again
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            sys.meta_path.insert(at, self)
         if spec is None or spec.loader is None:
             return spec
         load = spec.loader.exec_module
 
         def exec_module(module):
             load(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             register_timm_models()
 
         spec.loader.exec_module = exec_module
