@@ -321,7 +321,7 @@ def hybrid_finetune(name: str, config, local_window: int | None = None, steps: i
     ppl_original = perplexity(model, held_out)
     vzoo.lm.convert(model, config, local_window=local_window)
     ppl_converted = perplexity(model, held_out)
-    new = [m for layer in model.model.layers if hasattr(layer.self_attn, "vzoo_layer") for m in [layer.self_attn]]
+    new = [layer.self_attn for layer in model.model.layers if hasattr(layer.self_attn, "vzoo_layer")]
     for p in model.parameters():
         p.requires_grad_(False)
     params = [p for m in new for p in m.parameters()]

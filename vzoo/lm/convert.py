@@ -321,11 +321,9 @@ def load_converted(path: str | os.PathLike, dtype: torch.dtype | None = None, de
     records = getattr(config, "vzoo_conversion", None)
     if not records:
         raise ValueError(f"{path}/config.json has no vzoo_conversion: not a model saved after vzoo.lm.convert")
-    model = AutoModelForCausalLM.from_config(config)
-    config.vzoo_conversion = []
+    model = AutoModelForCausalLM.from_config(config)  # model.config keeps vzoo_conversion
     for record in records:
         _apply(model, _from_record(record), init=False)
-    model.config.vzoo_conversion = records
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
