@@ -8,6 +8,7 @@ from .backends import BACKENDS, backend_status, use_backend
 from .block_max import attention_block_max
 from .block_sparse import block_sparse_attention
 from .break_even import break_even, dense_is_faster
+from .landmark import landmark_attention
 from .layout import BlockSparseLayout
 from .lightning import lightning_attention, lightning_attention_step, lightning_slopes
 from .lla import local_linear_attention
@@ -20,6 +21,7 @@ from .neighborhood import (
     neighborhood_windows,
 )
 from .rat import rat_attention, rat_step
+from .routing import routing_attention
 from .titans import neural_memory
 from .token_routed import token_routed_attention
 from .window import sink_window_attention, sink_window_layout
@@ -32,6 +34,7 @@ __all__ = [
     "block_sparse_attention",
     "break_even",
     "dense_is_faster",
+    "landmark_attention",
     "lightning_attention",
     "lightning_attention_step",
     "lightning_slopes",
@@ -45,6 +48,7 @@ __all__ = [
     "neural_memory",
     "rat_attention",
     "rat_step",
+    "routing_attention",
     "sink_window_attention",
     "sink_window_layout",
     "token_routed_attention",

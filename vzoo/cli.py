@@ -223,6 +223,17 @@ def _train(args: argparse.Namespace) -> int:
         train_gates_from_files(args.model, args.data, args.out, steps=args.steps, seq_len=args.seq_len,
                                block_size=args.block_size, lr=args.lr)
         return 0
+    if args.task == "lm-landmark":
+        from vzoo.lm.train_landmark import train_landmark_from_files
+
+        metrics = train_landmark_from_files(
+            args.model, args.data, args.out, block=args.block, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
+            batch_size=args.batch_size, resume=args.resume, ckpt_every=args.ckpt_every, seed=args.seed,
+            stop_after=args.stop_after,
+        )
+        if metrics:
+            print(json.dumps(metrics))
+        return 0
     if args.task == "lm-boundaries":
         from vzoo.lm.train_boundaries import train_boundaries_from_files
 
@@ -325,7 +336,8 @@ _POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
 def _add_train_parsers(sub) -> None:
     """``vzoo train TASK``: one sub-command per task, each listing only its own options."""
     tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID, detection or grounding data, or train "
-                        "SeerAttention gates (lm-gates) or DHSA boundary predictors (lm-boundaries) of a saved causal LM")
+                        "SeerAttention gates (lm-gates) or DHSA boundary predictors (lm-boundaries) of a saved causal LM, "
+                        "or fine-tune one for Landmark Attention (lm-landmark)")
     tasks = tr.add_subparsers(dest="task", required=True, metavar="TASK")
     common = argparse.ArgumentParser(add_help=False)  # the options every vision task shares
     common.add_argument("--model", required=True, help="timm model name (vzoo's included)")
@@ -363,6 +375,15 @@ def _add_train_parsers(sub) -> None:
     bounds = tasks.add_parser("lm-boundaries", parents=[lm], help="train the DHSA chunk-boundary predictors of a saved causal LM")
     bounds.add_argument("--out", metavar="FILE", help="predictor file (default MODEL/dhsa_boundaries.safetensors)")
     bounds.add_argument("--batch-size", type=_POSITIVE, default=1, help="sequences per step")
+    mark = tasks.add_parser("lm-landmark", parents=[lm], help="fine-tune a saved causal LM for Landmark Attention")
+    mark.add_argument("--out", required=True, metavar="DIR", help="output folder (last.pt, metrics.json, curves.png, model/)")
+    mark.add_argument("--block", type=_POSITIVE, default=50, help="regular tokens per landmark block")
+    mark.add_argument("--batch-size", type=_POSITIVE, default=1, help="sequences per step")
+    mark.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same settings)")
+    mark.add_argument("--ckpt-every", type=_NON_NEGATIVE, default=50, help="steps between checkpoints (0: at the end only)")
+    mark.add_argument("--seed", type=int, default=0)
+    mark.add_argument("--stop-after", type=_NON_NEGATIVE, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
+    mark.set_defaults(lr=1e-4)
     tr.set_defaults(func=_train)
 
 

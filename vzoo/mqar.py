@@ -33,8 +33,9 @@ __all__ = [
 
 SOFTMAX = "softmax (Llama SDPA)"
 # config fields a row sets for the MQAR sequence length (the rest are the method's defaults): Titans' sliding
-# window must not cover the whole 64-token sequence, else the row is softmax attention plus a memory.
-ROW_CONFIG = {"titans": {"window": 16}}
+# window must not cover the whole 64-token sequence, else the row is softmax attention plus a memory; the
+# Routing Transformer's segments (default 512) must be shorter than it, else nothing is ever routed.
+ROW_CONFIG = {"titans": {"window": 16}, "routing": {"clusters": 4, "window": 8, "segment": 16, "local_window": 16}}
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
@@ -206,10 +207,14 @@ def train_mqar(
     model: MQARModel,
     train: MQARTrain,
     progress: Callable[[str, int, float, float], None] | None = None,
+    transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    aux_loss: Callable[[Any], torch.Tensor] | None = None,
 ) -> MQARResult:
     """Build the tiny Llama, ``convert`` it, train it on fresh MQAR batches and evaluate it on a held-out
     set (same for every row: drawn from a generator seeded apart from the training one) every
     ``train.eval_every`` steps and at the end. ``progress(label, step, accuracy, loss)`` after each evaluation.
+    ``transform(inputs, labels)`` rewrites every batch, held-out set included (e.g. inserts landmark tokens);
+    ``aux_loss(model)`` is added to each training loss (e.g. the Routing Transformer's commitment loss).
     A training step that raises (e.g. non-finite logits, at any position) ends the run: the result has
     ``accuracy=None``, the curve so far and the error with its step."""
     import torch
@@ -218,7 +223,11 @@ def train_mqar(
     if train.threads is not None:
         torch.set_num_threads(train.threads)
     try:
-        test = mqar_batch(task, train.eval_examples, torch.Generator().manual_seed(10_000 + train.seed))
+        def batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            inputs, labels = mqar_batch(task, n, generator)
+            return (inputs, labels) if transform is None else transform(inputs, labels)
+
+        test = batch(train.eval_examples, torch.Generator().manual_seed(10_000 + train.seed))
         data = torch.Generator().manual_seed(train.seed)
         net = convert(build_model(task, model, train.seed))
         net.train()
@@ -232,11 +241,13 @@ def train_mqar(
         seconds, step = 0.0, 0
         while step < train.steps and (train.time_limit_s is None or seconds < train.time_limit_s):
             begin = time.perf_counter()
-            inputs, labels = mqar_batch(task, train.batch_size, data)
+            inputs, labels = batch(train.batch_size, data)
             for group in opt.param_groups:
                 group["lr"] = train.lr_at(step)
             try:
                 loss, _ = _loss_and_hits(net, inputs, labels)
+                if aux_loss is not None:
+                    loss = loss + aux_loss(net)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss is {loss.item()}")
                 opt.zero_grad(set_to_none=True)

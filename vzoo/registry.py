@@ -69,6 +69,14 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
         "test-time-trained MLP memory: mini-batch gradients, momentum and decay as a scan (Titans)",
         ("reference", "torch"),
     ),
+    "landmark_attention": (
+        "Landmark Attention's grouped softmax over landmark-gated blocks, exact or top-k retrieved blocks",
+        ("reference", "torch"),
+    ),
+    "routing_attention": (
+        "Routing Transformer: attention inside balanced k-means clusters of the completed segments (causal)",
+        ("reference", "torch"),
+    ),
     "neighborhood_aggregate": (
         "per-pixel weighted k x k neighbourhood sum, NATTEN border rule (ContMix dynamic kernels)",
         ("reference", "torch", "triton"),

@@ -1,0 +1,105 @@
+"""Fine-tuning a causal LM for Landmark Attention. Behind
+``vzoo train lm-landmark --model DIR --data FILE.txt --block 50 --out DIR [--resume]``.
+
+The text is tokenised and cut into sequences of ``--seq-len`` regular tokens; a ``<landmark>`` token is
+added to the tokenizer and embeddings, inserted after every ``block`` tokens (labels ignored there) and
+the whole model trains with the exact grouped softmax (:mod:`vzoo.lm.landmark`). The loop is
+:func:`vzoo.tasks.trainer.train`: progress bar, atomic checkpoints (``OUT/last.pt``, every
+``--ckpt-every`` steps and at the end), exact ``--resume``, held-out loss in ``OUT/metrics.json`` and
+``OUT/curves.png``; the fine-tuned model and tokenizer go to ``OUT/model`` (written atomically), ready for
+:func:`vzoo.lm.landmark.load_landmark_model`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .apply import apply_sparse_attention
+from .landmark import LandmarkCollator, LandmarkConfig, add_landmark_token, save_landmark_model
+from .train_gates import text_sequences
+
+__all__ = ["landmark_task_run", "train_landmark_from_files"]
+
+
+def landmark_task_run(model: nn.Module, sequences: torch.Tensor, landmark_id: int, block: int, *, steps: int,
+                      batch_size: int, seed: int = 0, meta: dict | None = None):
+    """A :class:`vzoo.tasks.trainer.TaskRun` of ``steps`` batches (one epoch) over regular-token
+    ``sequences [N, S]``: the last ``max(1, N // 10)`` sequences are held out (``val_loss``) when ``N > 1``."""
+    from vzoo.tasks.trainer import TaskRun, split_batches
+
+    n = sequences.shape[0]
+    held = max(1, n // 10) if n > 1 else 0
+    train_rows, val_rows = list(range(n - held)), list(range(n - held, n))
+    if len(train_rows) < batch_size:
+        raise ValueError(f"{len(train_rows)} training sequences, fewer than --batch-size {batch_size}; use more text or a "
+                         "shorter --seq-len")
+    collate = LandmarkCollator(landmark_id, block)
+
+    def batches(epoch: int) -> list[list[int]]:
+        out, round_ = [], 0
+        while len(out) < steps:
+            out += split_batches(train_rows, batch_size, seed, round_)
+            round_ += 1
+        return out[:steps]
+
+    def loss(m: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+        return m(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module, device: torch.device) -> dict[str, float]:
+        if not val_rows:
+            return {}
+        m.eval()
+        losses = [loss(m, collate([sequences[i]]), device).item() for i in val_rows]
+        m.train()
+        value = sum(losses) / len(losses)
+        return {"val_loss": value, "val_ppl": math.exp(min(value, 50.0))}
+
+    return TaskRun(model=model, batches=batches, load=lambda rows: collate([sequences[i] for i in rows]), loss=loss,
+                   evaluate=evaluate, meta=dict(meta or {}))
+
+
+def train_landmark_from_files(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    block: int = 50,
+    steps: int = 100,
+    seq_len: int = 1024,
+    lr: float = 1e-4,
+    batch_size: int = 1,
+    resume: bool = False,
+    ckpt_every: int = 0,
+    seed: int = 0,
+    stop_after: int = 0,
+) -> dict:
+    """Fine-tune the causal LM saved in ``model_dir`` on the plain-text ``data`` for Landmark Attention
+    with blocks of ``block`` tokens; returns the final metrics (the model is in ``out/model``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vzoo.tasks.trainer import TrainSettings, train
+
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: not a saved transformers model (no config.json)")
+    config = LandmarkConfig(block=block)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    sequences = text_sequences(tokenizer, data, seq_len)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.attention_dropout = 0.0
+    landmark_id = add_landmark_token(model, tokenizer)
+    apply_sparse_attention(model, config)
+    meta = dict(model=str(model_dir.resolve()), data=str(Path(data).resolve()), block=block, seq_len=seq_len,
+                steps=steps, batch_size=batch_size, seed=seed)
+    run = landmark_task_run(model, sequences, landmark_id, block, steps=steps, batch_size=batch_size, seed=seed, meta=meta)
+    settings = TrainSettings(epochs=1, out=out, lr=lr, weight_decay=0.0, resume=resume, ckpt_every=ckpt_every,
+                             stop_after=stop_after)
+    metrics = train(run, settings)
+    path = save_landmark_model(model, tokenizer, out / "model", config, landmark_id)
+    print(f"landmark model saved to {path}")
+    return metrics
