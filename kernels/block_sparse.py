@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .backends import resolve_backend
-from .layout import BlockSparseLayout, check_flag, check_int
+from .layout import BlockSparseLayout, check_flag, check_int, check_tensor
 from .reference import all_finite, dense_attention, layout_token_mask
 
 __all__ = ["block_sparse_attention"]
@@ -27,12 +27,7 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     tensors outside ``torch.compile``, unless ``q`` is finite. On CUDA NaN / Inf in ``q`` is not checked
     (it would cost a host sync per call) and gives NaN rows, as SDPA does."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+        check_tensor(name, t, layout="[B, H, S, D]", dtypes=_DTYPES)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

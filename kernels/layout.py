@@ -35,6 +35,49 @@ def check_int(name: str, value: object, low: int) -> None:
         raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t: object, device: torch.device | None = None, dims: int = 4, layout: str = "[B, H, T, D]",
+                 dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``t`` is a tensor with ``dims`` dimensions (``layout`` in the
+    message), a dtype in ``dtypes`` and, when ``device`` is given, on it."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}; supported: {', '.join(str(d).removeprefix('torch.') for d in dtypes)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q on {device}; all must be on one device")
+
+
+def check_cached_qkv(q: object, k: object, v: object) -> None:
+    """Raise ``ValueError`` unless ``q [B, H, Tq, D]``, ``k [B, G, Tk, D]``, ``v [B, G, Tk, Dv]`` are float tensors
+    of one dtype on one device, ``H`` a multiple of ``G`` (GQA) and ``Tq <= Tk`` (the queries are the last ``Tq``
+    positions, a KV cache in front)."""
+    check_tensor("q", q)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, q.device)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, tq, d = q.shape
+    g, tk = k.shape[1], k.shape[2]
+    if d == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head dims must be positive, got q D={d}, v Dv={v.shape[-1]}")
+    if k.shape[0] != b or k.shape[3] != d or g == 0 or h % g:
+        raise ValueError(f"k has shape {tuple(k.shape)}; expected [{b}, G, Tk, {d}] with the {h} query heads a multiple of G")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v has shape {tuple(v.shape)}; expected [{b}, {g}, {tk}, Dv] like k")
+    if tq > tk:
+        raise ValueError(f"q has {tq} tokens, more than the {tk} keys (queries are the last Tq of the Tk positions)")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The math dtype of an op: float64 stays float64, everything else (half included) is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_flag(name: str, value: object) -> None:
     """Raise ``ValueError`` unless ``value`` is a bool (``causal="no"`` must not read as True)."""
     if not isinstance(value, bool):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 
 __all__ = [
-    "Row", "median_ms", "random_layout", "kernel_rows", "format_table", "check_bar", "save_plot",
+    "Row", "median_ms", "mode_ms", "random_layout", "kernel_rows", "format_table", "check_bar", "save_plot",
     "ModelRow", "backbone_rows", "step_peak_mb", "peak_memory_mb", "format_models",
 ]
 
@@ -54,6 +54,19 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def mode_ms(run: Callable[[], torch.Tensor], mode: str, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of ``run()`` under ``torch.no_grad()`` (``mode="fwd"``) or of
+    ``run().sum().backward()`` (``"fwd+bwd"``)."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                run()
+    else:
+        def step():
+            run().sum().backward()
+    return median_ms(step, device, repeats)
 
 
 def random_layout(

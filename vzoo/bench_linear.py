@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vzoo.atomic import write_atomic
-from vzoo.bench import median_ms
+from vzoo.bench import median_ms, mode_ms
 
 __all__ = ["BAR", "DecodeRow", "HybridRow", "SpeedRow", "check_linear_bar", "decode_rows", "format_decode",
            "format_hybrid", "format_speed", "hybrid_finetune", "layer_decode_rows", "plot_speed", "speed_rows"]
@@ -102,15 +102,7 @@ def _sdpa(t: int, grad: bool, like: dict) -> Callable[[], torch.Tensor]:
 
 def _timed(make: Callable[[int, bool, dict], Callable[[], torch.Tensor]], t: int, mode: str, repeats: int,
            like: dict) -> float:
-    run = make(t, mode == "fwd+bwd", like)
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                run()
-    else:
-        def step():
-            run().sum().backward()
-    return median_ms(step, like["device"], repeats)
+    return mode_ms(make(t, mode == "fwd+bwd", like), mode, like["device"], repeats)
 
 
 def speed_rows(tokens: Sequence[int], modes: Sequence[str] = ("fwd", "fwd+bwd"), ops: Sequence[str] | None = None,

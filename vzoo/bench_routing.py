@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vzoo.bench import median_ms
+from vzoo.bench import mode_ms
 
 __all__ = ["BAR", "SpeedRow", "check_routing_bar", "format_speed", "retrieval_rows", "speed_rows"]
 
@@ -80,15 +80,7 @@ def _sdpa(t: int, grad: bool) -> Callable[[], torch.Tensor]:
 
 
 def _time(make: Callable[[int, bool], Callable[[], torch.Tensor]], t: int, mode: str, repeats: int) -> float:
-    run = make(t, mode == "fwd+bwd")
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                run()
-    else:
-        def step():
-            run().sum().backward()
-    return median_ms(step, torch.device("cpu"), repeats)
+    return mode_ms(make(t, mode == "fwd+bwd"), mode, torch.device("cpu"), repeats)
 
 
 # (op, mode, baseline) -> (op maker, baseline maker, longest prompt timed)

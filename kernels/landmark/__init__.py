@@ -15,7 +15,8 @@ import torch
 
 from ..backends import resolve_backend
 from .chunk import landmark_exact, landmark_topk
-from .common import check_inputs, compute_dtype, landmark_mask
+from ..layout import compute_dtype
+from .common import check_inputs, landmark_mask
 from .naive import landmark_naive
 
 __all__ = ["landmark_attention", "landmark_mask"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import compute_dtype
+from ..layout import compute_dtype
 
 __all__ = ["landmark_naive"]
 

@@ -7,19 +7,9 @@ import numbers
 
 import torch
 
+from ..layout import check_tensor
+
 __all__ = ["accum_dtype", "check_inputs", "check_scale", "decay_rates", "final_state", "prepare", "repeat_kv"]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _check_tensor(name: str, t: object, dims: int, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-
 
 def check_scale(scale: object) -> float:
     """``scale`` as a float; ``ValueError`` unless it is a finite real number."""
@@ -36,7 +26,7 @@ def check_inputs(
     layout = "[B, H, D]" if step else "[B, H, T, D]"
     dims = 3 if step else 4
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, dims, layout)
+        check_tensor(name, t, dims=dims, layout=layout)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

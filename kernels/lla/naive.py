@@ -21,11 +21,9 @@ import numbers
 import torch
 
 from ..block_sparse import resolve_scale
-from ..layout import check_flag, check_int
+from ..layout import check_flag, check_int, check_tensor
 
 __all__ = ["check_inputs", "lla_naive", "lla_weights", "visible"]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_inputs(
@@ -41,12 +39,7 @@ def check_inputs(
     """Validate ``q [B, H, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]`` and the options; raise
     ``ValueError`` naming the argument. Returns ``(ridge, scale, block_size)`` resolved."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, T, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
+        check_tensor(name, t)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -18,7 +18,8 @@ import torch
 
 from ..backends import resolve_backend
 from .chunk import rat_chunk
-from .common import RATState, Rope, check_inputs, check_rope, check_state, compute_dtype, rat_rope
+from ..layout import compute_dtype
+from .common import RATState, Rope, check_inputs, check_rope, check_state, rat_rope
 from .naive import rat_naive
 from .recurrent import rat_step
 

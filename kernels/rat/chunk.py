@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import RATState, Rope, apply_rope, compute_dtype, expand_groups, split_gate
+from ..layout import compute_dtype
+from .common import RATState, Rope, apply_rope, expand_groups, split_gate
 
 __all__ = ["rat_chunk"]
 

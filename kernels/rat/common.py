@@ -15,14 +15,13 @@ from typing import NamedTuple, Union
 import torch
 
 from ..block_sparse import resolve_scale
-from ..layout import check_int
+from ..layout import check_int, check_tensor
 
 __all__ = [
-    "RATState", "Rope", "apply_rope", "check_inputs", "check_rope", "check_state", "compute_dtype", "expand_groups",
+    "RATState", "Rope", "apply_rope", "check_inputs", "check_rope", "check_state", "expand_groups",
     "rat_rope", "split_gate",
 ]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # A RoPE base (angles computed at the chunk numbers used), ``(cos, sin)`` tables ``[n, D]`` indexed by chunk
 # number, or ``rope(x [B, H, S, D], pos int64 [S]) -> x rotated``.
@@ -126,15 +125,9 @@ def check_rope(rope: object, dim: int, last_chunk: int, device: torch.device) ->
 
 def check_inputs(q, k, v, gate, chunk_size: int, scale, step: bool = False) -> float:
     """Validate the op's tensors; returns the softmax scale."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("gate", gate)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, T, D], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}; all must be on one device")
+    check_tensor("q", q)
+    for name, t in (("k", k), ("v", v), ("gate", gate)):
+        check_tensor(name, t, q.device)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, h, t, d = q.shape
@@ -177,11 +170,6 @@ def check_state(state: object, q: torch.Tensor, dv: int, chunk_size: int) -> Non
     for name in ("keys", "values", "key_run", "value_run"):
         if getattr(state, name).device != q.device:
             raise ValueError(f"state.{name} is on {getattr(state, name).device}, q on {q.device}")
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half inputs (the reference runs its scan and gates in float32), else the input dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def split_gate(gate: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]:

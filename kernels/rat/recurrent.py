@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (
-    RATState, Rope, apply_rope, check_inputs, check_rope, check_state, compute_dtype, expand_groups, split_gate,
-)
+from ..layout import compute_dtype
+from .common import RATState, Rope, apply_rope, check_inputs, check_rope, check_state, expand_groups, split_gate
 
 __all__ = ["rat_step"]
 

@@ -14,40 +14,23 @@ import torch
 import torch.nn.functional as F
 
 from ..block_sparse import resolve_scale
-from ..layout import check_int
+from ..layout import check_cached_qkv, check_int, check_tensor, compute_dtype
 
 __all__ = [
-    "check_routing_inputs", "compute_dtype", "gather_members", "key_members", "nearest_clusters", "routing_assignment",
+    "check_routing_inputs", "gather_members", "key_members", "nearest_clusters", "routing_assignment",
 ]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, else float32 (half inputs are computed in float32)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_tensor(name: str, t: object, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32, float64")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, q on {device}; all must be on one device")
 
 
 def _check_routing(centroids, route_q, route_k, window: int, segment: int, query_clusters: int) -> None:
     """Shapes of ``route_q [B, H, Tq, D]``, ``route_k [B, G, Tk, D]``, ``centroids [H, C, D]`` and the ints."""
     device = route_q.device if isinstance(route_q, torch.Tensor) else None
-    for name, t in (("route_q", route_q), ("route_k", route_k), ("centroids", centroids)):
-        _check_tensor(name, t, device)
-    if route_q.dim() != 4 or route_k.dim() != 4:
-        raise ValueError(f"route_q {tuple(route_q.shape)} and route_k {tuple(route_k.shape)} must be 4-D [B, H, T, D]")
+    check_tensor("route_q", route_q, device)
+    check_tensor("route_k", route_k, device)
+    check_tensor("centroids", centroids, device, dims=3, layout="[H, C, D]")
     b, h, _, d = route_q.shape
     if route_k.shape[0] != b or route_k.shape[3] != d or route_k.shape[1] == 0 or h % route_k.shape[1]:
         raise ValueError(f"route_k has shape {tuple(route_k.shape)}; expected [{b}, G, Tk, {d}] with {h} heads a multiple of G")
-    if centroids.dim() != 3 or centroids.shape[0] != h or centroids.shape[2] != d or centroids.shape[1] == 0:
+    if centroids.shape[0] != h or centroids.shape[2] != d or centroids.shape[1] == 0:
         raise ValueError(f"centroids has shape {tuple(centroids.shape)}; expected [{h}, C, {d}] with C >= 1")
     check_int("segment", segment, 1)
     check_int("window", window, 1)
@@ -61,23 +44,8 @@ def _check_routing(centroids, route_q, route_k, window: int, segment: int, query
 def check_routing_inputs(q, k, v, centroids, null_k, null_v, route_q, route_k, window, segment, query_clusters, scale) -> float:
     """Validate :func:`vzoo.kernels.routing_attention`'s arguments (``route_q``/``route_k`` already defaulted);
     returns the softmax scale."""
-    _check_tensor("q", q, q.device if isinstance(q, torch.Tensor) else None)
-    for name, t in (("k", k), ("v", v)):
-        _check_tensor(name, t, q.device)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must be 4-D [B, H, T, D]")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    b, h, tq, d = q.shape
-    g, tk = k.shape[1], k.shape[2]
-    if d == 0 or v.shape[-1] == 0:
-        raise ValueError(f"head dims must be positive, got D={d}, Dv={v.shape[-1]}")
-    if k.shape[0] != b or k.shape[3] != d or g == 0 or h % g:
-        raise ValueError(f"k has shape {tuple(k.shape)}; expected [{b}, G, Tk, {d}] with {h} heads a multiple of G")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v has shape {tuple(v.shape)}; expected [{b}, {g}, {tk}, Dv] like k")
-    if tk < tq:
-        raise ValueError(f"the {tq} queries must be the last of the keys, but there are only {tk} keys")
+    check_cached_qkv(q, k, v)
+    h, d = q.shape[1], q.shape[3]
     if route_q.shape != q.shape:
         raise ValueError(f"route_q has shape {tuple(route_q.shape)}; expected q's {tuple(q.shape)}")
     if route_k.shape != k.shape:
@@ -87,8 +55,8 @@ def check_routing_inputs(q, k, v, centroids, null_k, null_v, route_q, route_k, w
         raise ValueError("give both null_k and null_v, or neither")
     if null_k is not None:
         c = centroids.shape[1]
-        _check_tensor("null_k", null_k, q.device)
-        _check_tensor("null_v", null_v, q.device)
+        check_tensor("null_k", null_k, q.device, dims=3, layout="[H, C, D]")
+        check_tensor("null_v", null_v, q.device, dims=3, layout="[H, C, Dv]")
         if null_k.shape != (h, c, d) or null_v.shape != (h, c, v.shape[-1]):
             raise ValueError(f"null_k {tuple(null_k.shape)} / null_v {tuple(null_v.shape)} must be [{h}, {c}, {d}] / "
                              f"[{h}, {c}, {v.shape[-1]}]")

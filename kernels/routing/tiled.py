@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .assign import compute_dtype
+from ..layout import compute_dtype
 
 __all__ = ["cluster_attention"]
 

@@ -31,14 +31,12 @@ from collections.abc import Sequence
 import torch
 
 from ..backends import resolve_backend
+from ..layout import check_tensor
 from .chunk import neural_memory_chunk
 from .naive import MemoryState, memory_mlp, neural_memory_naive
 from .recurrent import neural_memory_recurrent, neural_memory_step
 
 __all__ = ["MemoryState", "memory_mlp", "neural_memory", "neural_memory_step"]
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 def _check_weights(name: str, ws: object, batch: int, d_in: int, d_out: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     if not isinstance(ws, Sequence) or not ws or not all(isinstance(w, torch.Tensor) for w in ws):
@@ -94,10 +92,7 @@ def neural_memory(
         ``y [B, T, Dv]`` in ``q.dtype`` and the final :class:`MemoryState` (float32) or ``None``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.dtype not in _DTYPES:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a float tensor [B, T, D], got {shape}"
-                             + (f" {t.dtype}" if isinstance(t, torch.Tensor) else ""))
+        check_tensor(name, t, dims=3, layout="[B, T, D]")
     if q.shape != k.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
     if v.shape[:2] != k.shape[:2]:
