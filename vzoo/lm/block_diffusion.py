@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 from vzoo.kernels.block_diffusion import additive_mask, bd3_layout, bd3_mask, block_causal_layout, block_causal_mask, kernel_block
 
+from .diffusion_objectives import bd3_inputs
 from .layers import select_layers
 from .registry import LMMethod, register_lm_method
 
@@ -97,11 +98,8 @@ def bd3_forward(model, noisy: torch.Tensor, clean: torch.Tensor, **kwargs):
     both halves at positions ``0 .. T-1``; returns the model output for the ``2T`` tokens (the loss reads the noisy
     half, ``logits[:, :T]``). With :class:`BlockDiffusionConfig` applied the mask runs as a block-sparse layout;
     otherwise pass ``block=`` and it goes in as a 4-D float mask (eager or SDPA attention)."""
-    if noisy.shape != clean.shape or noisy.dim() != 2:
-        raise ValueError(f"noisy {tuple(noisy.shape)} and clean {tuple(clean.shape)} must both be [N, T]")
-    n, t = noisy.shape
-    ids = torch.cat([noisy, clean], 1)
-    positions = torch.arange(t, device=ids.device).repeat(2)[None].expand(n, -1)
+    ids, positions = bd3_inputs(noisy, clean)
+    t = noisy.shape[1]
     block = kwargs.pop("block", None)
     config = getattr(model.config, "_attn_implementation", None) == "vzoo_block_diffusion"
     if not config:
