@@ -19,10 +19,16 @@ Both rules are unions of whole blocks, so with kernel blocks that divide ``block
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .layout import BlockSparseLayout, check_int
+from .block_sparse import block_sparse_attention, resolve_scale
+from .layout import BlockSparseLayout, check_cached_qkv, check_int
+from .merge import merge_attention_states
 
-__all__ = ["additive_mask", "bd3_layout", "bd3_mask", "block_causal_layout", "block_causal_mask", "kernel_block"]
+__all__ = [
+    "additive_mask", "bd3_layout", "bd3_mask", "block_causal_attention", "block_causal_layout", "block_causal_mask",
+    "kernel_block",
+]
 
 
 def block_causal_mask(q_len: int, kv_len: int, block: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -90,3 +96,57 @@ def block_causal_layout(q_len: int, kv_len: int, block: int, kernel: int | None 
     qb = (torch.arange(nqb, device=device) * kernel + start) // block  # diffusion block of each query kernel block
     kb = torch.arange(nkb, device=device) * kernel // block
     return BlockSparseLayout.from_block_mask((kb[None, :] <= qb[:, None])[None, None], kernel, kernel, q_len, kv_len)
+
+
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU flash kernel with its log-sum-exp (``k`` must hold at least one key: an empty key set
+    crashes that kernel)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _later_in_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float):
+    """Each query of ``q [B, H, T, D]`` (positions ``0 .. T-1`` of ``k, v``, blocks from 0) over the keys after it in
+    its own block: ``(out, lse)``, ``lse = -inf`` for a block's last query."""
+    b, h, t, d = q.shape
+    nb = -(-t // block)
+    pad = nb * block - t
+    qb, kb, vb = (F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, x.shape[-1]) for x in (q, k, v))
+    s = qb @ kb.transpose(-1, -2) * scale
+    i = torch.arange(block, device=q.device)
+    exists = torch.arange(nb * block, device=q.device).view(nb, 1, block) < t
+    s = s.masked_fill(~((i[None, :] > i[:, None]) & exists), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    out = torch.exp(s - torch.where(lse.isinf(), 0.0, lse)[..., None]) @ vb
+    return out.view(b, h, nb * block, -1)[:, :, :t], lse.view(b, h, nb * block)[:, :, :t]
+
+
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, *, scale: float | None = None,
+                           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention under :func:`block_causal_mask`: ``q [B, H, Tq, D]`` the last ``Tq`` positions of ``k, v
+    [B, Hkv, Tk, D]`` (GQA), the first query on a block boundary. ``key_mask`` bool ``[B, Tk]`` hides padding.
+
+    An inference call on the CPU (nothing requires grad, float32, no ``key_mask``) runs as PyTorch's fused flash
+    kernel: the keys before the chunk (no mask) and the chunk's own keys (causal), each with its log-sum-exp,
+    merged with the later keys of each query's own block (a dense ``block x block`` part). Everything else runs
+    :func:`block_causal_layout` on :func:`vzoo.kernels.block_sparse_attention`. Both are exact."""
+    check_cached_qkv(q, k, v)
+    check_int("block", block, 1)
+    tq, tk = q.shape[2], k.shape[2]
+    start = tk - tq
+    if start % block:
+        raise ValueError(f"block_causal_attention: the first query (position {start}) must start a block of {block}")
+    scale = resolve_scale(scale, q.shape[-1])
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    fused = (q.device.type == "cpu" and q.dtype == torch.float32 and key_mask is None and not grad and tq > 0
+             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
+    if not fused:
+        layout = block_causal_layout(tq, tk, block, device=q.device)
+        return block_sparse_attention(q, k, v, layout, scale=scale, key_mask=key_mask)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    own_k, own_v = k[:, :, start:], v[:, :, start:]
+    parts = [_flash_lse(q, own_k, own_v, True, scale), _later_in_block(q, own_k, own_v, block, scale)]
+    if start:
+        parts.append(_flash_lse(q, k[:, :, :start], v[:, :, :start], False, scale))
+    return merge_attention_states([o for o, _ in parts], [lse for _, lse in parts])[0]

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from vzoo.bench import mode_ms
 from vzoo.kernels import block_sparse_attention
-from vzoo.kernels.block_diffusion import additive_mask, bd3_layout, bd3_mask, block_causal_layout, block_causal_mask
+from vzoo.kernels.block_diffusion import (
+    additive_mask, bd3_layout, bd3_mask, block_causal_attention, block_causal_layout, block_causal_mask,
+)
 
 __all__ = ["BAR", "MaskRow", "check_diffusion_bar", "format_masks", "mask_rows"]
 
@@ -41,19 +43,24 @@ CASES = (("bd3 (training)", "fwd"), ("bd3 (training)", "fwd+bwd"), ("block-causa
 
 
 def mask_rows(tokens: Sequence[int] = (2048, 4096, 8192), repeats: int = 3, block: int = BLOCK) -> list[MaskRow]:
-    """Each of :data:`CASES` at each length: the layout on :func:`vzoo.kernels.block_sparse_attention` and the
-    dense mask through SDPA, timed back to back on the same inputs (medians of ``repeats``)."""
+    """Each of :data:`CASES` at each length: vzoo's path (the BD3 layout on :func:`vzoo.kernels.block_sparse_attention`;
+    :func:`~vzoo.kernels.block_diffusion.block_causal_attention` for the prefill, fused at inference) and the dense
+    mask through SDPA, timed back to back on the same inputs (medians of ``repeats``)."""
     rows = []
     for t in tokens:
         for mask, mode in CASES:
-            if mask.startswith("bd3"):
-                layout, dense = bd3_layout(t // 2, block), bd3_mask(t // 2, block)
-            else:
-                layout, dense = block_causal_layout(t, t, block), block_causal_mask(t, t, block)
             grad = mode == "fwd+bwd"
             q, k, v = (torch.randn(B, H, t, D, requires_grad=grad) for _ in range(3))
+            if mask.startswith("bd3"):
+                layout, dense = bd3_layout(t // 2, block), bd3_mask(t // 2, block)
+                def run():
+                    return block_sparse_attention(q, k, v, layout)
+            else:
+                layout, dense = block_causal_layout(t, t, block), block_causal_mask(t, t, block)
+                def run():
+                    return block_causal_attention(q, k, v, block)
             add = additive_mask(dense)
-            ms = mode_ms(lambda: block_sparse_attention(q, k, v, layout), mode, torch.device("cpu"), repeats)
+            ms = mode_ms(run, mode, torch.device("cpu"), repeats)
             dense_ms = mode_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=add), mode, torch.device("cpu"),
                                repeats)
             rows.append(MaskRow(mask, mode, t, ms, dense_ms, layout.density()))

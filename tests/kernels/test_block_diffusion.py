@@ -84,3 +84,38 @@ def test_layout_errors_and_kernel_block():
         block_causal_layout(5, 11, 4, 4)
     with pytest.raises(ValueError, match="block"):
         bd3_mask(4, 0)
+
+
+@pytest.mark.parametrize("tq,tk,groups", [(24, 24, 1), (16, 40, 2), (5, 13, 1), (1, 17, 2)])
+def test_block_causal_attention_fused_and_layout_paths_equal_the_dense_mask(tq, tk, groups):
+    from vzoo.kernels.block_diffusion import block_causal_attention
+
+    block = 4
+    if (tk - tq) % block:
+        tk += block - (tk - tq) % block
+    g = torch.Generator().manual_seed(tq)
+    q = torch.randn(1, 4, tq, 8, generator=g)
+    k, v = torch.randn(1, 4 // groups, tk, 8, generator=g), torch.randn(1, 4 // groups, tk, 8, generator=g)
+    kk, vv = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
+    ref = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=block_causal_mask(tq, tk, block))
+    with torch.no_grad():  # inference: the fused flash path
+        fused = block_causal_attention(q, k, v, block)
+    qg = q.clone().requires_grad_()
+    trained = block_causal_attention(qg, k, v, block)  # with grad: the block-sparse layout
+    torch.testing.assert_close(fused.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(trained.double(), ref, atol=1e-5, rtol=1e-5)
+    keys = torch.ones(1, tk, dtype=torch.bool)
+    keys[0, :2] = False  # padding hides keys (the layout path)
+    with torch.no_grad():
+        masked = block_causal_attention(q, k, v, block, key_mask=keys)
+    dense = block_causal_mask(tq, tk, block) & keys[0]
+    ref_masked = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=dense)
+    rows = dense.any(-1)
+    torch.testing.assert_close(masked.double()[:, :, rows], ref_masked[:, :, rows], atol=1e-5, rtol=1e-5)
+
+
+def test_block_causal_attention_needs_a_block_start():
+    from vzoo.kernels.block_diffusion import block_causal_attention
+
+    with pytest.raises(ValueError, match="must start a block"):
+        block_causal_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), 4)

@@ -5,8 +5,9 @@
 blocks of ``block`` tokens and bidirectional inside each (the inference mask, on absolute positions, so prefill,
 a block on top of a KV cache and decoding all use it). :func:`bd3_forward` runs the training input
 ``[x_t ; x_0]`` (both halves at positions ``0 .. T-1``) under the BD3 mask: noisy tokens see their own noisy
-block and the clean blocks before it, clean tokens the clean blocks up to their own. Both masks are exact
-block-sparse layouts (:mod:`vzoo.kernels.block_diffusion`), so no dense ``[T, T]`` mask is built.
+block and the clean blocks before it, clean tokens the clean blocks up to their own. The BD3 mask runs as an exact
+block-sparse layout, the block-causal one through :func:`vzoo.kernels.block_diffusion.block_causal_attention` (the
+fused flash kernel plus an in-block part at inference, the layout in training), so no dense ``[T, T]`` mask is built.
 
 Padded batches: padded keys are hidden; blocks count from the first column, so left-pad prompts to a multiple of
 ``block``. A 4-D mask passed to the model (``attention_mask=[B, 1, q, kv]``, additive or bool) is honoured as
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
-from vzoo.kernels.block_diffusion import additive_mask, bd3_layout, bd3_mask, block_causal_layout, block_causal_mask, kernel_block
+from vzoo.kernels.block_diffusion import additive_mask, bd3_layout, bd3_mask, block_causal_attention, block_causal_mask
 
 from .diffusion_objectives import bd3_inputs
 from .layers import select_layers
@@ -57,13 +58,8 @@ class BlockDiffusionConfig:
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(kind: str, q_len: int, kv_len: int, block: int, device: torch.device) -> BlockSparseLayout | None:
-    """The exact layout of the mask, or ``None`` when the queries do not start on a kernel block boundary."""
-    if kind == "bd3":
-        return bd3_layout(q_len // 2, block, device=device)
-    if (kv_len - q_len) % kernel_block(block):
-        return None
-    return block_causal_layout(q_len, kv_len, block, device=device)
+def _bd3_layout(tokens: int, block: int, device: torch.device) -> BlockSparseLayout:
+    return bd3_layout(tokens, block, device=device)
 
 
 def block_diffusion_attention(config: BlockDiffusionConfig, query, key, value, attention_mask, scale, module=None,
@@ -81,16 +77,14 @@ def block_diffusion_attention(config: BlockDiffusionConfig, query, key, value, a
         if q_len != kv_len or q_len != 2 * tokens:
             raise ValueError(f"bd3_forward with {tokens} tokens needs the 2 x {tokens} inputs in one call, got {q_len} "
                              f"queries over {kv_len} keys (no KV cache in training)")
-        layout = _layout("bd3", q_len, kv_len, config.block, query.device)
-    else:
-        layout = _layout("causal", q_len, kv_len, config.block, query.device)
-        if layout is None:  # a chunk that starts inside a kernel block: the dense mask, exact
-            mask = block_causal_mask(q_len, kv_len, config.block, query.device)
-            if keys is not None:
-                mask = mask & keys[:, None, None, :]
-            return F.scaled_dot_product_attention(query, key.repeat_interleave(groups, 1),
-                                                  value.repeat_interleave(groups, 1), attn_mask=mask, scale=scale)
-    return block_sparse_attention(query, key, value, layout, scale=scale, key_mask=keys)
+        return block_sparse_attention(query, key, value, _bd3_layout(tokens, config.block, query.device), scale=scale)
+    if (kv_len - q_len) % config.block == 0:
+        return block_causal_attention(query, key, value, config.block, scale=scale, key_mask=keys)
+    mask = block_causal_mask(q_len, kv_len, config.block, query.device)  # a chunk starting inside a block
+    if keys is not None:
+        mask = mask & keys[:, None, None, :]
+    return F.scaled_dot_product_attention(query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1),
+                                          attn_mask=mask, scale=scale)
 
 
 def bd3_forward(model, noisy: torch.Tensor, clean: torch.Tensor, **kwargs):
