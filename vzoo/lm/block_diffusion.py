@@ -28,6 +28,7 @@ from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 from vzoo.kernels.block_diffusion import additive_mask, bd3_layout, bd3_mask, block_causal_attention, block_causal_mask
 
 from .diffusion_objectives import bd3_inputs
+from .convert import check_layers
 from .layers import select_layers
 from .registry import LMMethod, register_lm_method
 
@@ -49,9 +50,7 @@ class BlockDiffusionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
             raise ValueError(f"BlockDiffusionConfig.block={self.block!r} must be a positive int")
-        if self.layers is not None and (not isinstance(self.layers, tuple) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
-            raise ValueError(f"BlockDiffusionConfig.layers={self.layers!r} must be None or a tuple of layer indices")
+        check_layers("BlockDiffusionConfig", self.layers)
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         return select_layers("BlockDiffusionConfig.layers", self.layers, num_layers)

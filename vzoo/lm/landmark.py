@@ -32,6 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from vzoo.kernels.landmark import landmark_attention as landmark_op, landmark_mask
 
+from .convert import check_layers
 from .layers import select_layers
 from .registry import LMMethod, register_lm_method
 
@@ -70,9 +71,7 @@ class LandmarkConfig:
             raise ValueError(f"LandmarkConfig.top_k={self.top_k!r} must be None or a positive int")
         if isinstance(self.local_blocks, bool) or not isinstance(self.local_blocks, int) or self.local_blocks < 0:
             raise ValueError(f"LandmarkConfig.local_blocks={self.local_blocks!r} must be a non-negative int")
-        if self.layers is not None and (not isinstance(self.layers, tuple) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers)):
-            raise ValueError(f"LandmarkConfig.layers={self.layers!r} must be None or a tuple of layer indices")
+        check_layers("LandmarkConfig", self.layers)
 
     def layer_ids(self, num_layers: int) -> tuple[int, ...]:
         """The layers that use Landmark Attention."""
