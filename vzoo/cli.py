@@ -234,6 +234,17 @@ def _train(args: argparse.Namespace) -> int:
         if metrics:
             print(json.dumps(metrics))
         return 0
+    if args.task == "lm-diffusion":
+        from vzoo.lm.train_diffusion import train_diffusion_from_files
+
+        metrics = train_diffusion_from_files(
+            args.model, args.data, args.out, block=args.block, objective=args.objective, steps=args.steps,
+            seq_len=args.seq_len, lr=args.lr, batch_size=args.batch_size, resume=args.resume, ckpt_every=args.ckpt_every,
+            seed=args.seed, stop_after=args.stop_after,
+        )
+        if metrics:
+            print(json.dumps(metrics))
+        return 0
     if args.task == "lm-boundaries":
         from vzoo.lm.train_boundaries import train_boundaries_from_files
 
@@ -337,7 +348,7 @@ def _add_train_parsers(sub) -> None:
     """``vzoo train TASK``: one sub-command per task, each listing only its own options."""
     tr = sub.add_parser("train", help="fine-tune a timm backbone on re-ID, detection or grounding data, or train "
                         "SeerAttention gates (lm-gates) or DHSA boundary predictors (lm-boundaries) of a saved causal LM, "
-                        "or fine-tune one for Landmark Attention (lm-landmark)")
+                        "or fine-tune one for Landmark Attention (lm-landmark) or into a block-diffusion LM (lm-diffusion)")
     tasks = tr.add_subparsers(dest="task", required=True, metavar="TASK")
     common = argparse.ArgumentParser(add_help=False)  # the options every vision task shares
     common.add_argument("--model", required=True, help="timm model name (vzoo's included)")
@@ -375,15 +386,21 @@ def _add_train_parsers(sub) -> None:
     bounds = tasks.add_parser("lm-boundaries", parents=[lm], help="train the DHSA chunk-boundary predictors of a saved causal LM")
     bounds.add_argument("--out", metavar="FILE", help="predictor file (default MODEL/dhsa_boundaries.safetensors)")
     bounds.add_argument("--batch-size", type=_POSITIVE, default=1, help="sequences per step")
-    mark = tasks.add_parser("lm-landmark", parents=[lm], help="fine-tune a saved causal LM for Landmark Attention")
-    mark.add_argument("--out", required=True, metavar="DIR", help="output folder (last.pt, metrics.json, curves.png, model/)")
+    finetune = argparse.ArgumentParser(add_help=False)  # what the whole-model fine-tunes add
+    finetune.add_argument("--out", required=True, metavar="DIR", help="output folder (last.pt, metrics.json, curves.png, model/)")
+    finetune.add_argument("--batch-size", type=_POSITIVE, default=1, help="sequences per step")
+    finetune.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same settings)")
+    finetune.add_argument("--ckpt-every", type=_NON_NEGATIVE, default=50, help="steps between checkpoints (0: at the end only)")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--stop-after", type=_NON_NEGATIVE, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
+    mark = tasks.add_parser("lm-landmark", parents=[lm, finetune], help="fine-tune a saved causal LM for Landmark Attention")
     mark.add_argument("--block", type=_POSITIVE, default=50, help="regular tokens per landmark block")
-    mark.add_argument("--batch-size", type=_POSITIVE, default=1, help="sequences per step")
-    mark.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (same settings)")
-    mark.add_argument("--ckpt-every", type=_NON_NEGATIVE, default=50, help="steps between checkpoints (0: at the end only)")
-    mark.add_argument("--seed", type=int, default=0)
-    mark.add_argument("--stop-after", type=_NON_NEGATIVE, default=0, help=argparse.SUPPRESS)  # tests: simulate a kill
     mark.set_defaults(lr=1e-4)
+    dlm = tasks.add_parser("lm-diffusion", parents=[lm, finetune], help="convert a saved causal LM into a block-diffusion LM")
+    dlm.add_argument("--block", type=_POSITIVE, default=32, help="diffusion block size in tokens")
+    dlm.add_argument("--objective", default="fast-dllm", choices=["fast-dllm", "efficient-dlm"],
+                     help="complementary masking with token shift, or position-dependent masking without")
+    dlm.set_defaults(lr=1e-4)
     tr.set_defaults(func=_train)
 
 

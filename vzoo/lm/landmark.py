@@ -130,20 +130,12 @@ class LandmarkCollator:
         return {"input_ids": ids, "labels": labels}
 
 
-@torch.no_grad()
 def add_landmark_token(model: nn.Module, tokenizer, token: str = LANDMARK_TOKEN) -> int:
-    """Add ``token`` to ``tokenizer`` as a special token (``model``'s embeddings grow if its id has no row)
-    and set its input (and untied output) embedding row to the mean of the rows of the ids before it;
-    returns its id. A token already in the tokenizer is returned unchanged."""
-    if token in tokenizer.get_vocab():
-        return tokenizer.convert_tokens_to_ids(token)
-    tokenizer.add_special_tokens({"additional_special_tokens": [token]})
-    new_id = tokenizer.convert_tokens_to_ids(token)
-    if new_id >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(new_id + 1, mean_resizing=False)
-    for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
-        emb.weight[new_id] = emb.weight[:new_id].mean(0)
-    return new_id
+    """Add ``token`` to ``tokenizer`` as a special token with an embedding row (see
+    :func:`vzoo.lm.finetune.add_special_token`); returns its id."""
+    from .finetune import add_special_token
+
+    return add_special_token(model, tokenizer, token)
 
 
 class LandmarkLogitsProcessor(LogitsProcessor):
@@ -179,24 +171,10 @@ _RECORD = "vzoo_landmark"
 def save_landmark_model(model: nn.Module, tokenizer, path: str | os.PathLike, config: LandmarkConfig, landmark_id: int) -> Path:
     """``save_pretrained`` of model and tokenizer with the Landmark settings recorded in ``config.json``,
     written to a temporary folder renamed into place (never a half-written model)."""
-    import shutil
-    import tempfile
+    from .finetune import save_pretrained_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     setattr(model.config, _RECORD, {"config": asdict(config), "landmark_id": int(landmark_id)})
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return save_pretrained_atomic(model, tokenizer, path)
 
 
 def load_landmark_model(path: str | os.PathLike, top_k: int | None = None, local_blocks: int | None = None):

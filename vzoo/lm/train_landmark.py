@@ -12,55 +12,14 @@ the whole model trains with the exact grouped softmax (:mod:`vzoo.lm.landmark`).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import torch
-import torch.nn as nn
-
 from .apply import apply_sparse_attention
+from .finetune import text_task_run
 from .landmark import LandmarkCollator, LandmarkConfig, add_landmark_token, save_landmark_model
 from .train_gates import text_sequences
 
-__all__ = ["landmark_task_run", "train_landmark_from_files"]
-
-
-def landmark_task_run(model: nn.Module, sequences: torch.Tensor, landmark_id: int, block: int, *, steps: int,
-                      batch_size: int, seed: int = 0, meta: dict | None = None):
-    """A :class:`vzoo.tasks.trainer.TaskRun` of ``steps`` batches (one epoch) over regular-token
-    ``sequences [N, S]``: the last ``max(1, N // 10)`` sequences are held out (``val_loss``) when ``N > 1``."""
-    from vzoo.tasks.trainer import TaskRun, split_batches
-
-    n = sequences.shape[0]
-    held = max(1, n // 10) if n > 1 else 0
-    train_rows, val_rows = list(range(n - held)), list(range(n - held, n))
-    if len(train_rows) < batch_size:
-        raise ValueError(f"{len(train_rows)} training sequences, fewer than --batch-size {batch_size}; use more text or a "
-                         "shorter --seq-len")
-    collate = LandmarkCollator(landmark_id, block)
-
-    def batches(epoch: int) -> list[list[int]]:
-        out, round_ = [], 0
-        while len(out) < steps:
-            out += split_batches(train_rows, batch_size, seed, round_)
-            round_ += 1
-        return out[:steps]
-
-    def loss(m: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-        return m(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
-
-    @torch.no_grad()
-    def evaluate(m: nn.Module, device: torch.device) -> dict[str, float]:
-        if not val_rows:
-            return {}
-        m.eval()
-        losses = [loss(m, collate([sequences[i]]), device).item() for i in val_rows]
-        m.train()
-        value = sum(losses) / len(losses)
-        return {"val_loss": value, "val_ppl": math.exp(min(value, 50.0))}
-
-    return TaskRun(model=model, batches=batches, load=lambda rows: collate([sequences[i] for i in rows]), loss=loss,
-                   evaluate=evaluate, meta=dict(meta or {}))
+__all__ = ["train_landmark_from_files"]
 
 
 def train_landmark_from_files(
@@ -96,7 +55,13 @@ def train_landmark_from_files(
     apply_sparse_attention(model, config)
     meta = dict(model=str(model_dir.resolve()), data=str(Path(data).resolve()), block=block, seq_len=seq_len,
                 steps=steps, batch_size=batch_size, seed=seed)
-    run = landmark_task_run(model, sequences, landmark_id, block, steps=steps, batch_size=batch_size, seed=seed, meta=meta)
+    collate = LandmarkCollator(landmark_id, block)
+
+    def loss(m, rows, device, key):
+        batch = collate(list(rows))
+        return m(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
+
+    run = text_task_run(model, sequences, loss, steps=steps, batch_size=batch_size, seed=seed, meta=meta)
     settings = TrainSettings(epochs=1, out=out, lr=lr, weight_decay=0.0, resume=resume, ckpt_every=ckpt_every,
                              stop_after=stop_after)
     metrics = train(run, settings)
