@@ -27,7 +27,7 @@ from .merge import merge_attention_states
 
 __all__ = [
     "additive_mask", "bd3_layout", "bd3_mask", "block_causal_attention", "block_causal_layout", "block_causal_mask",
-    "kernel_block",
+    "block_spans_mask", "kernel_block",
 ]
 
 
@@ -51,6 +51,25 @@ def bd3_mask(tokens: int, block: int, device: torch.device | str | None = None) 
     q_noisy, k_noisy = noisy[:, None], noisy[None, :]
     bq, bk = b[:, None], b[None, :]
     return (q_noisy & k_noisy & (bq == bk)) | (q_noisy & ~k_noisy & (bk < bq)) | (~q_noisy & ~k_noisy & (bk <= bq))
+
+
+def block_spans_mask(tokens: int, spans: list[tuple[int, int]] | torch.Tensor,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """bool ``[T, T]`` of LaDiR's latent blocks (arXiv 2510.04573): causal everywhere, plus full attention inside
+    each span ``[start, end)`` (a latent block from its ``<bot>`` to its ``<eot>``), so a position sees the later
+    positions of its own span and nothing after it. Spans must not overlap."""
+    check_int("tokens", tokens, 1)
+    spans = torch.as_tensor(spans, dtype=torch.long, device=device).reshape(-1, 2)
+    if spans.numel() and (bool((spans[:, 0] < 0).any()) or bool((spans[:, 1] > tokens).any())
+                          or bool((spans[:, 1] <= spans[:, 0]).any())):
+        raise ValueError(f"spans {spans.tolist()} must be non-empty [start, end) ranges inside 0..{tokens}")
+    pos = torch.arange(tokens, device=device)
+    inside = (pos[None, :] >= spans[:, :1]) & (pos[None, :] < spans[:, 1:])  # [S, T]
+    if bool((inside.sum(0) > 1).any()):
+        raise ValueError(f"spans {spans.tolist()} overlap")
+    ids = torch.arange(1, spans.shape[0] + 1, device=pos.device)
+    span_of = torch.where(inside.any(0), (inside * ids[:, None]).sum(0), -1 - pos)  # outside every span: an id of its own
+    return (pos[None, :] <= pos[:, None]) | (span_of[:, None] == span_of[None, :])
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

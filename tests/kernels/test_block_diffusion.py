@@ -119,3 +119,18 @@ def test_block_causal_attention_needs_a_block_start():
 
     with pytest.raises(ValueError, match="must start a block"):
         block_causal_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8), 4)
+
+
+def test_block_spans_mask_is_the_brute_force_rule():
+    from vzoo.kernels.block_diffusion import block_spans_mask
+
+    spans = [(2, 5), (7, 10)]
+    m = block_spans_mask(12, spans)
+    span = {p: i for i, (a, b) in enumerate(spans) for p in range(a, b)}
+    for q in range(12):
+        for k in range(12):
+            assert bool(m[q, k]) == (k <= q or (q in span and span.get(k) == span[q])), (q, k)
+    assert torch.equal(block_spans_mask(6, []), torch.ones(6, 6).tril().bool())
+    for bad in ([(3, 3)], [(0, 7)], [(1, 4), (3, 5)]):
+        with pytest.raises(ValueError, match="spans"):
+            block_spans_mask(6, bad)

@@ -134,3 +134,20 @@ def test_a_chunk_starting_inside_a_block_uses_the_exact_dense_mask():
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     ref = torch.softmax((q @ kk.transpose(-1, -2) * 0.35).masked_fill(~allowed, float("-inf")), -1) @ vv
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_spans_are_bidirectional_inside_and_causal_across(lm):
+    """LaDiR's mask in a transformers model: a later token of the same span changes earlier outputs of the span,
+    a token of a later span changes nothing before that span."""
+    from vzoo.kernels.block_diffusion import additive_mask, block_spans_mask
+
+    model = lm.make(layers=2)
+    ids = torch.randint(0, 97, (1, 14), generator=torch.Generator().manual_seed(6))
+    mask = additive_mask(block_spans_mask(14, [(3, 7), (9, 12)]))
+    with torch.no_grad():
+        base = model(ids, attention_mask=mask).logits
+        for pos, moved_from in ((6, 3), (10, 9)):
+            changed = ids.clone()
+            changed[0, pos] = (changed[0, pos] + 1) % 97
+            diff = (model(changed, attention_mask=mask).logits - base).abs().amax(-1)[0]
+            assert (diff[:moved_from] == 0).all() and (diff[moved_from:] > 0).all(), (pos, diff)
