@@ -18,6 +18,8 @@ Both rules are unions of whole blocks, so with kernel blocks that divide ``block
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -117,6 +119,11 @@ def block_causal_layout(q_len: int, kv_len: int, block: int, kernel: int | None 
     return BlockSparseLayout.from_block_mask((kb[None, :] <= qb[:, None])[None, None], kernel, kernel, q_len, kv_len)
 
 
+@functools.lru_cache(maxsize=64)  # one per (chunk, cache) shape: every layer and decoding step reuses it
+def _causal_layout(q_len: int, kv_len: int, block: int, device: torch.device) -> BlockSparseLayout:
+    return block_causal_layout(q_len, kv_len, block, device=device)
+
+
 def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's fused CPU flash kernel with its log-sum-exp (``k`` must hold at least one key: an empty key set
     crashes that kernel)."""
@@ -159,8 +166,7 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     fused = (q.device.type == "cpu" and q.dtype == torch.float32 and key_mask is None and not grad and tq > 0
              and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
     if not fused:
-        layout = block_causal_layout(tq, tk, block, device=q.device)
-        return block_sparse_attention(q, k, v, layout, scale=scale, key_mask=key_mask)
+        return block_sparse_attention(q, k, v, _causal_layout(tq, tk, block, q.device), scale=scale, key_mask=key_mask)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)

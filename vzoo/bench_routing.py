@@ -171,21 +171,18 @@ def retrieval_settings(quick: bool):
 def _landmark_row(vocab: int, block: int):
     """``(convert, transform)``: the landmark token is id ``vocab`` (a new embedding row, initialised to the
     mean), landmarks are inserted into every batch."""
-    from vzoo.kernels.landmark import landmark_mask
     from vzoo.lm import LandmarkConfig, apply_sparse_attention
+    from vzoo.lm.finetune import init_token_row
     from vzoo.lm.landmark import insert_landmarks
 
     def convert(model):
-        with torch.no_grad():
-            model.resize_token_embeddings(vocab + 1, mean_resizing=False)
-            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-                emb.weight[vocab] = emb.weight[:vocab].mean(0)
+        model.resize_token_embeddings(vocab + 1, mean_resizing=False)
+        init_token_row(model, vocab)
         apply_sparse_attention(model, LandmarkConfig(block=block))
         return model
 
     def transform(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = insert_landmarks(inputs, block, vocab)
-        return ids, insert_landmarks(labels, block, -100).masked_fill(landmark_mask(ids.shape[1], block), -100)
+        return insert_landmarks(inputs, block, vocab), insert_landmarks(labels, block, -100)  # landmarks unscored
 
     return convert, transform
 

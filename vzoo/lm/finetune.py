@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["add_special_token", "save_pretrained_atomic", "text_task_run"]
+__all__ = ["add_special_token", "init_token_row", "save_pretrained_atomic", "text_task_run"]
 
 
 def text_task_run(model: nn.Module, sequences: torch.Tensor, loss: Callable[[nn.Module, torch.Tensor, torch.device, int],
@@ -85,6 +85,12 @@ def add_special_token(model: nn.Module, tokenizer, token: str, role: str = "addi
     new_id = tokenizer.convert_tokens_to_ids(token)
     if new_id >= model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(new_id + 1, mean_resizing=False)
-    for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
-        emb.weight[new_id] = emb.weight[:new_id].mean(0)
+    init_token_row(model, new_id)
     return new_id
+
+
+@torch.no_grad()
+def init_token_row(model: nn.Module, token_id: int) -> None:
+    """Set ``token_id``'s input (and untied output) embedding row to the mean of the rows of the ids before it."""
+    for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e is not None}.values():
+        emb.weight[token_id] = emb.weight[:token_id].mean(0)
