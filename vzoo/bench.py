@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from vzoo.atomic import write_atomic
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 
 __all__ = [
@@ -205,7 +206,7 @@ def save_plot(rows: Sequence[Row], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 

@@ -14,6 +14,7 @@ import pkgutil
 from .apply import SparseAttentionHandle, apply_sparse_attention
 from .blockrank import blockrank_aux_loss, pack_prompt, rank
 from .convert import convert, lm_layers, load_converted
+from .diffusion_decode import diffusion_generate
 from .longgen import longgen_attention
 from .moba import moba_attention
 from .registry import lm_methods
@@ -32,7 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    *sorted(_CONFIGS), "SparseAttentionHandle", "apply_sparse_attention", "block_recall", "blockrank_aux_loss", "convert",
+    *sorted(_CONFIGS), "SparseAttentionHandle", "apply_sparse_attention", "block_recall", "blockrank_aux_loss", "convert", "diffusion_generate",
     "load_gates", "longgen_attention", "lm_layers", "lm_methods", "load_converted", "moba_attention", "pack_prompt", "rank", "save_gates",
     "seer_distill_loss",
 ]

@@ -31,7 +31,12 @@ from transformers import DynamicCache
 
 from vzoo.kernels.block_diffusion import additive_mask, block_causal_mask
 
-__all__ = ["diffusion_generate"]
+__all__ = ["cache_argument", "diffusion_generate"]
+
+
+def cache_argument(model) -> str:
+    """The name ``model.forward`` takes its KV cache by: ``cache`` (transformers 5.x) or ``past_key_values`` (4.x)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _check_int(name: str, value, low: int) -> None:
@@ -45,8 +50,7 @@ class _Runner:
     def __init__(self, model, batch: int, device: torch.device):
         self.model, self.batch, self.device = model, batch, device
         self.dtype = getattr(model, "dtype", torch.float32)
-        params = inspect.signature(model.forward).parameters
-        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5.x / 4.x
+        self.cache_arg = cache_argument(model)
         self.cache = DynamicCache()
         self.cached = 0  # tokens held in the cache
         self.forwards = 0
