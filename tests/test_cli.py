@@ -216,3 +216,35 @@ def test_bench_extra_installs_what_every_bench_family_imports():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     extra = {Requirement(r).name for r in project["optional-dependencies"]["bench"]}
     assert {"transformers", "matplotlib"} <= extra
+
+
+def test_experiment_icl_linear_writes_its_files(tmp_path, capsys):
+    import json
+
+    assert main(["experiment", "icl-linear", "--out", str(tmp_path), "--steps", "5", "--heads", "2"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(metrics["bar"]) >= 4 and all(line.split()[0] in ("PASS", "FAIL") for line in metrics["bar"])
+    assert all((tmp_path / f).stat().st_size > 0 for f in ("training.png", "heads.png", "lengths.png"))
+    assert "zero-sum" in capsys.readouterr().out.lower()
+
+
+def test_analyze_rhythm_on_a_saved_model(tmp_path, capsys):
+    import json
+
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the a cat sat on mat and dog ran far away".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", *words])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path / "m")
+    cfg = LlamaConfig(vocab_size=len(words) + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "t.txt").write_text(" ".join(words * 8))
+    assert main(["analyze", "rhythm", "--model", str(tmp_path / "m"), "--text", str(tmp_path / "t.txt"),
+                 "--out", str(tmp_path / "o"), "--max-tokens", "64"]) == 0
+    report = json.loads((tmp_path / "o" / "rhythm.json").read_text())
+    assert len(report["tokens"]) == 64 and (tmp_path / "o" / "rhythm.png").stat().st_size > 0
+    assert "rhythm.json" in capsys.readouterr().out

