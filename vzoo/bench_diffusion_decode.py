@@ -6,8 +6,9 @@ answer ``d_n .. d_1`` and an end token. A tiny Llama is trained from scratch as 
 tokens (the autoregressive model), then converted into a block-diffusion LM as Fast-dLLM v2 converts one:
 :class:`~vzoo.lm.block_diffusion.BlockDiffusionConfig` applied and trained with complementary masking and token
 shift on the ``[x_t ; x_0]`` BD3 input (the answer, its end token and the end-token padding are the response).
-Both are then decoded greedily on held-out prompts: the AR model with its KV cache (one forward for the prompt, one
-per further token), the converted model with :func:`vzoo.lm.diffusion_generate` at several thresholds. Forwards are
+Both are then decoded greedily on held-out prompts (a tenth of all strings, chosen by a hash, is never trained on):
+the AR model with its KV cache (one forward for the prompt, one per further token), the converted model with
+:func:`vzoo.lm.diffusion_generate` at several thresholds, on the same strings for every decoder. Forwards are
 model calls, prompt included, counted per example (batch 1).
 """
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DecodeRow", "ReversalTask", "ar_generate", "check_decode_bar", "decode_rows", "format_decode", "tiny_llama",
-           "train_models"]
+__all__ = ["DecodeRow", "ReversalTask", "ar_generate", "check_decode_bar", "decode_rows", "format_decode", "smollm2_rows",
+           "tiny_llama", "train_models"]
 
 TINY_VOCAB = 16  # the tiny model's ids: 0..9 digits, 10 separator, 11 end, 12 mask
 
@@ -49,19 +51,24 @@ class ReversalTask:
 
     @classmethod
     def for_tokenizer(cls, tokenizer, mask_id: int, **kwargs) -> ReversalTask:
-        """The task in ``tokenizer``'s ids: each digit one token, ``" ="`` as separator, EOS as end."""
+        """The task in ``tokenizer``'s ids: each digit one token, ``"="`` as separator, EOS as end."""
         digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
         sep = tokenizer("=", add_special_tokens=False).input_ids
         if len(sep) != 1 or tokenizer.unk_token_id in digits:
             raise ValueError("ReversalTask.for_tokenizer: the tokenizer must hold each digit and '=' as one token")
         return cls(digit_ids=tuple(digits), sep_id=sep[0], end_id=tokenizer.eos_token_id, mask_id=mask_id, **kwargs)
 
-    def sample(self, count: int, generator: torch.Generator) -> list[torch.Tensor]:
-        """``count`` strings of token ids (int64 ``[n]`` each)."""
+    def sample(self, count: int, generator: torch.Generator, held_out: bool = False) -> list[torch.Tensor]:
+        """``count`` strings of token ids (int64 ``[n]`` each), from the training split or (``held_out``) from the
+        held-out one: the strings whose :func:`held_out_string` is True, about one in ten, never drawn in training."""
         lo, hi = self.lengths
         ids = torch.tensor(self.digit_ids)
-        sizes = torch.randint(lo, hi + 1, (count,), generator=generator)
-        return [ids[torch.randint(0, 10, (int(n),), generator=generator)] for n in sizes]
+        out = []
+        while len(out) < count:
+            digits = torch.randint(0, 10, (int(torch.randint(lo, hi + 1, (), generator=generator)),), generator=generator)
+            if held_out_string(digits) == held_out:
+                out.append(ids[digits])
+        return out
 
     def batch(self, strings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids ``[B, seq_len]``, response mask bool ``[B, seq_len]``: answer, end token and padding)."""
@@ -78,6 +85,11 @@ class ReversalTask:
 
     def answer(self, s: torch.Tensor) -> torch.Tensor:
         return torch.cat([s.flip(0), s.new_tensor([self.end_id])])
+
+
+def held_out_string(digits: torch.Tensor) -> bool:
+    """Whether a digit string ``[n]`` (values 0..9) belongs to the evaluation split: a CRC of its digits is 0 mod 10."""
+    return zlib.crc32(bytes(digits.tolist())) % 10 == 0
 
 
 def tiny_llama(seed: int, hidden: int = 64, layers: int = 3):
@@ -184,7 +196,7 @@ def decode_rows(ar, dlm, task: ReversalTask, examples: int = 200, thresholds: Se
 
     from vzoo.lm import diffusion_generate
 
-    strings = task.sample(examples, torch.Generator().manual_seed(10_000 + seed))
+    strings = task.sample(examples, torch.Generator().manual_seed(10_000 + seed), held_out=True)
     budget = task.lengths[1] + 1
     decoders = [("AR", None)] + [(f"block t={t:g}", t) for t in thresholds]
     rows = []

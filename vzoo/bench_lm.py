@@ -36,12 +36,12 @@ def narrow_llama(max_tokens: int, layers: int = 4, seed: int = 0) -> torch.nn.Mo
 
 def bench_configs(n: int) -> dict[str, object | None]:
     """Benchmarked configurations at ``n`` tokens: ``"sdpa"`` (``None``) and every registered LM
-    method's rows (:attr:`vzoo.lm.registry.LMMethod.bench`)."""
+    method's rows (:attr:`vzoo.lm.registry.LMMethod.bench`) up to its ``bench_tokens``."""
     from vzoo.lm import lm_methods
 
     rows: dict[str, object | None] = {"sdpa": None}
     for method in lm_methods():
-        if method.bench is not None:
+        if method.bench is not None and (method.bench_tokens is None or n <= method.bench_tokens):
             rows.update(method.bench(n))
     return rows
 

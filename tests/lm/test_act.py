@@ -241,5 +241,5 @@ def test_sink_map_equals_loops_over_eager_maps():
     assert received.shape == (2, 4, t)
     torch.testing.assert_close(received, want)
     assert torch.equal(sinks, want > 0.1) and sinks[:, :, 0].any()
-    with pytest.raises(ValueError, match="input_ids must be"):
+    with pytest.raises(ValueError, match="input_ids: expected shape"):
         sink_map(model, ids.expand(2, t))

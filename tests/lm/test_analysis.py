@@ -124,6 +124,7 @@ def test_middle_layers():
     assert middle_layers(30) == [10, 12, 14, 17, 19]
     assert middle_layers(2) == [0, 1]
     assert middle_layers(9) == [3, 4, 5]
+    assert middle_layers(30, count=1) == [14]  # the middle of layers 10..19
 
 
 # ------------------------------------------------------------------------------------- preplan, anchors

@@ -38,6 +38,11 @@ def test_reversal_task_layout():
     assert task.answer(s).tolist() == [3, 2, 1, task.end_id]
     strings = task.sample(20, torch.Generator().manual_seed(0))
     assert all(x.numel() == 3 and int(x.max()) <= 9 for x in strings)
+    import zlib
+
+    held = task.sample(20, torch.Generator().manual_seed(0), held_out=True)
+    assert all(zlib.crc32(bytes(x.tolist())) % 10 == 0 for x in held)  # the split rule, recomputed here
+    assert not any(zlib.crc32(bytes(x.tolist())) % 10 == 0 for x in strings)
     with pytest.raises(ValueError, match="lengths"):
         ReversalTask(lengths=(4, 12), seq_len=16, block=16)
     with pytest.raises(ValueError, match="differ"):

@@ -71,3 +71,13 @@ def test_rows_for_every_registered_method_on_a_short_prompt(monkeypatch):
     assert abs(blockrank.density - blockrank_density(8, 128)) < 1e-9 and blockrank.dense_share == 0.0
     table = format_lm(rows)
     assert "dense" in table.splitlines()[0] and len(table.splitlines()) == 2 + len(rows)
+
+
+def test_explicit_probability_methods_leave_the_long_speed_rows():
+    from vzoo.lm import lm_methods
+
+    capped = [m for m in lm_methods() if m.bench_tokens is not None]
+    assert capped, "ACT and BCT attention cap their speed rows"
+    for m in capped:
+        assert {type(c) for c in bench_configs(m.bench_tokens).values()} >= {m.config}
+        assert m.config not in {type(c) for c in bench_configs(m.bench_tokens + 1).values()}

@@ -48,9 +48,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vzoo.kernels.reference import visible_at, visible_keys
+from vzoo.kernels.reference import visible_keys
 
-from .layers import dense_attention, select_layers
+from .analysis import attention_maps
+from .layers import dense_attention, masked_softmax, select_layers, visible_mask
 from .registry import LMMethod, register_lm_method
 
 __all__ = [
@@ -199,22 +200,9 @@ def calibrate_attention(
 # --------------------------------------------------------------------------------- attention function
 
 
-def _visible_rows(
-    attention_mask: torch.Tensor | None, start: int, stop: int, sq: int, skv: int, window: int | None, device,
-) -> torch.Tensor:
-    """bool ``[B|1, 1, stop - start, skv]``: which keys query rows ``start:stop`` of the call may see."""
-    if attention_mask is not None:  # transformers' mask holds causality, window and padding
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        return mask[:, :, start:stop, :skv]
-    q_pos = torch.arange(start, stop, device=device) + (skv - sq)
-    return visible_at(q_pos, torch.arange(skv, device=device), True, window or 0)[None, None]
-
-
 def _probs(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax (float32 at least) of ``q @ k^T * scale`` over the ``visible`` keys; rows that see none are zeros."""
-    s = (q @ k.transpose(-1, -2) * scale).to(torch.promote_types(q.dtype, torch.float32))
-    s = s.masked_fill(~visible, float("-inf"))
-    return torch.where(visible.any(-1, keepdim=True), torch.softmax(s, -1), 0.0)
+    return masked_softmax((q @ k.transpose(-1, -2) * scale).to(torch.promote_types(q.dtype, torch.float32)), visible)
 
 
 def _calibrated_heads(
@@ -229,7 +217,7 @@ def _calibrated_heads(
     spans = [(i, min(i + rows, sq)) for i in range(0, sq, rows)]
 
     def chunk(i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        vis = _visible_rows(attention_mask, i, j, sq, skv, window, query.device)
+        vis = visible_mask(attention_mask, sq, skv, window, query.device, rows=(i, j))
         return _probs(query[:, :, i:j], key, vis, scale), vis
 
     colsum = query.new_zeros(b, h, skv, dtype=torch.promote_types(query.dtype, torch.float32))
@@ -282,17 +270,7 @@ def sink_map(model: nn.Module, input_ids: torch.Tensor, tau: float = 0.1) -> tup
     ``input_ids [T]`` or ``[1, T]``, from eager attention maps (the model's attention implementation is
     restored afterwards). Returns ``(received [layers, heads, T]`` float32 (:func:`received_attention`),
     ``sinks [layers, heads, T]`` bool, ``received > tau``)."""
-    ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-    if ids.dim() != 2 or ids.shape[0] != 1:
-        raise ValueError(f"input_ids must be [T] or [1, T], got {tuple(input_ids.shape)}")
-    original = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            maps = model(ids, output_attentions=True).attentions
-    finally:
-        model.set_attn_implementation(original)
-    received = received_attention(torch.cat([a.float() for a in maps], 0))
+    received = received_attention(attention_maps(model, input_ids))
     return received, received > tau
 
 
@@ -337,4 +315,5 @@ register_lm_method(LMMethod(
     arxiv="2406.15765", ops=(), status="exact to the official calibration rule; explicit probabilities on calibrated heads",
     attach=_check_heads, bench=_bench,
     contract=lambda: {"act-beta-1-every-head": ACTConfig(beta=1.0)},
+    bench_tokens=8192,
 ))

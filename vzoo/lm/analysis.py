@@ -36,6 +36,8 @@ import torch.nn as nn
 
 from vzoo.atomic import write_atomic, write_json_atomic
 
+from .layers import attention_modules
+
 __all__ = [
     "analyze_rhythm", "apply_credit", "attention_maps", "classify_heads", "credit_scale", "fai",
     "head_average", "head_distance", "middle_layers", "preplan_anchor", "waad",
@@ -75,20 +77,16 @@ def _top_count(n: int, q: float) -> int:
 # ------------------------------------------------------------------------------------------- attention maps
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
-    if not mods:
-        raise ValueError(f"{type(model).__name__}: no transformers attention modules (with layer_idx) found")
-    return mods
-
-
 @torch.no_grad()
 def attention_maps(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Softmax attention maps ``[L, H, T, T]`` (fp32, every query head, causal) of ``input_ids [1, T]`` from a
-    transformers causal LM; the model runs eager attention for this call and gets its own implementation back."""
+    """Softmax attention maps ``[L, H, T, T]`` (fp32, every query head, causal) of ``input_ids [T]`` or ``[1, T]``
+    from a transformers causal LM; the model runs eager attention for this call and gets its own implementation
+    back."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids: expected shape [1, T] (batch 1), got {tuple(input_ids.shape)}")
-    _attention_modules(model)
+        raise ValueError(f"input_ids: expected shape [T] or [1, T] (batch 1), got {tuple(input_ids.shape)}")
+    attention_modules(model)
     original = model.config._attn_implementation
     if original != "eager":
         model.set_attn_implementation("eager")
@@ -109,6 +107,8 @@ def middle_layers(num_layers: int, count: int = 5) -> list[int]:
     lo, hi = num_layers // 3, math.ceil(2 * num_layers / 3)
     if hi - lo <= count:
         return list(range(lo, hi))
+    if count == 1:
+        return [(lo + hi - 1) // 2]
     return sorted({round(lo + i * (hi - 1 - lo) / (count - 1)) for i in range(count)})
 
 
@@ -321,6 +321,11 @@ def analyze_rhythm(model_dir: str | Path, text_file: str | Path, out_dir: str | 
         raise ValueError(f"text_file={str(text_file)!r} is not a file")
     if max_tokens < 2:
         raise ValueError(f"max_tokens={max_tokens}: need at least 2 tokens")
+    if strategy not in STRATEGIES:  # the other settings are checked before the model is loaded, too
+        raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
+    if not (0 < q_tokens <= 1 and k >= 1 and 0 < q_heads <= 0.5 and W >= 1 and 0 <= h_lo <= h_hi):
+        raise ValueError(f"q_tokens={q_tokens}, k={k}, q_heads={q_heads}, W={W}, h_lo={h_lo}, h_hi={h_hi}: need "
+                         "0 < q_tokens <= 1, k >= 1, 0 < q_heads <= 0.5, W >= 1 and 0 <= h_lo <= h_hi")
     extra = {} if gguf_file is None else {"gguf_file": gguf_file}
     tokenizer = AutoTokenizer.from_pretrained(model_dir, **extra)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager", **extra)

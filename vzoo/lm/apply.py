@@ -26,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from vzoo.kernels.break_even import DensityReport, DensityStats
 
-from .layers import keep_full_cache, key_validity_mask
+from .layers import attention_modules, keep_full_cache, key_validity_mask
 from .registry import LMMethod, lm_method, lm_methods
 
 __all__ = ["SparseAttentionHandle", "apply_sparse_attention", "register_methods"]
@@ -99,13 +99,6 @@ def register_methods() -> None:
         AttentionMaskInterface.register(method.attn_implementation, sdpa_mask if method.mask == "sdpa" else key_validity_mask)
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
-    if not mods:
-        raise ValueError(f"{type(model).__name__}: no transformers attention modules (with layer_idx) found")
-    return mods
-
-
 class SparseAttentionHandle(DensityReport):
     """``remove()`` (or leaving a ``with`` block) restores the model's attention implementation.
 
@@ -149,7 +142,7 @@ def apply_sparse_attention(model: nn.Module, config) -> SparseAttentionHandle:
     soft-capping; sliding windows where the method says so)."""
     method = lm_method(config)
     register_methods()
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if any(hasattr(m, "vzoo_config") for m in modules):
         raise RuntimeError("the model already has vzoo sparse attention; remove() it first")
     layers = set(config.layer_ids(max(m.layer_idx for m in modules) + 1))

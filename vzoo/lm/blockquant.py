@@ -45,10 +45,8 @@ import torch
 import torch.nn as nn
 import transformers.activations
 
-from vzoo.kernels.reference import visible_keys
-
 from .apply import apply_sparse_attention
-from .layers import select_layers
+from .layers import masked_softmax, select_layers, visible_mask
 from .registry import LMMethod, register_lm_method
 
 __all__ = [
@@ -231,16 +229,13 @@ def blockquant_attention(
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     k = key.to(dtype).repeat_interleave(groups, 1)
     v = value.to(dtype).repeat_interleave(groups, 1)
-    if attention_mask is not None:
-        visible = (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)[..., :skv]
-    else:
-        visible = visible_keys(sq, skv, True, sliding_window or 0, 0, query.device)
+    visible = visible_mask(attention_mask, sq, skv, sliding_window, query.device)
     rows = max(1, 2 ** 24 // max(1, b * h * skv))
     out = []
     for start in range(0, sq, rows):
         part = visible[..., start : start + rows, :]
         scores = (query[:, :, start : start + rows].to(dtype) @ k.transpose(-1, -2)) * scale
-        probs = torch.softmax(scores.masked_fill(~part, torch.finfo(dtype).min), -1) * part  # dead rows: 0
+        probs = masked_softmax(scores, part)
         if config.bits is not None:  # per query row: block=None is one scale per row
             probs = fake_quantize(probs, config.bits, config.block or skv, -1, config.scale)
         out.append(probs @ v)
@@ -254,6 +249,7 @@ register_lm_method(LMMethod(
     status="post-softmax blockwise quantised probabilities; whole-model BCT through vzoo.lm.blockquant.blockquant",
     bench=lambda tokens: {"bct attention probabilities 8 bit block 64": BlockQuantAttentionConfig()},
     contract=lambda: {"blockquant-float-probabilities": BlockQuantAttentionConfig(bits=None)},
+    bench_tokens=8192,
 ))
 
 

@@ -107,9 +107,9 @@ def add_ladir_tokens(model: nn.Module, tokenizer, eos: str) -> LaDiRTokens:
     :func:`vzoo.lm.finetune.add_special_token`; ``eos`` is the (existing) token that ends an answer."""
     from vzoo.lm.finetune import add_special_token
 
+    if not isinstance(eos, str) or eos not in tokenizer.get_vocab():
+        raise ValueError(f"eos={eos!r} must be a token string in the tokenizer's vocabulary (e.g. tokenizer.eos_token)")
     ids = [add_special_token(model, tokenizer, tok) for tok in ("<bot>", "<eot>", "<soa>")]
-    if eos not in tokenizer.get_vocab():
-        raise ValueError(f"eos={eos!r} is not in the tokenizer's vocabulary")
     return LaDiRTokens(*ids, eos=tokenizer.convert_tokens_to_ids(eos))
 
 

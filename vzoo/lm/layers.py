@@ -10,13 +10,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention, dense_is_faster
-from vzoo.kernels.reference import visible_keys
+from vzoo.kernels.reference import visible_at, visible_keys
 from vzoo.kernels.torch_backend import masked_sdpa
 
 __all__ = [
-    "Attachment", "attend_blocks", "dense_attention", "key_validity", "key_validity_mask", "keep_full_cache", "record_density", "run_dense", "select_layers",
-    "swap_cache_layer",
+    "Attachment", "attend_blocks", "attention_modules", "dense_attention", "key_validity", "key_validity_mask", "keep_full_cache", "masked_softmax", "record_density", "run_dense",
+    "select_layers", "swap_cache_layer", "visible_mask",
 ]
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The transformers attention modules of ``model`` (those with ``layer_idx`` and ``num_key_value_groups``)."""
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    if not mods:
+        raise ValueError(f"{type(model).__name__}: no transformers attention modules (with layer_idx) found")
+    return mods
 
 
 def select_layers(owner: str, layers: tuple[int, ...] | None, num_layers: int) -> tuple[int, ...]:
@@ -62,6 +70,26 @@ class Attachment:
         for name in self.attrs:
             if hasattr(self.module, name):
                 delattr(self.module, name)
+
+
+def visible_mask(attention_mask: torch.Tensor | None, sq: int, skv: int, sliding_window: int | None = None,
+                 device: torch.device | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """bool ``[B|1, 1, stop - start, skv]``: which keys the query rows ``rows = (start, stop)`` (default all ``sq``,
+    the last ``sq`` of ``skv`` positions) may see: transformers' mask (bool or additive ``[B, 1, q, kv]``; it holds
+    causality, window and padding) or, for ``None``, causality and the layer's ``sliding_window``."""
+    start, stop = (0, sq) if rows is None else rows
+    if attention_mask is not None:
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return mask[:, :, start:stop, :skv]
+    q_pos = torch.arange(start, stop, device=device) + (skv - sq)
+    return visible_at(q_pos, torch.arange(skv, device=device), True, sliding_window or 0)[None, None]
+
+
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax of ``scores [..., q, kv]`` over the ``visible`` keys (bool, broadcasting); rows that see none give
+    zeros."""
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+    return torch.where(visible.any(-1, keepdim=True), probs, 0.0)
 
 
 def dense_attention(

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .layers import attention_modules
+
 __all__ = ["LocalistPenalty", "attention_entropy_bits", "block_groups", "group_masses", "group_sparsity_penalty",
            "pointer_fidelity", "target_mask"]
 
@@ -145,9 +147,7 @@ class LocalistPenalty:
             raise ValueError(f"dial={dial}: the locality dial must be >= 0 (the papers use [0, 1])")
         if isinstance(groups, int) and groups < 1:
             raise ValueError(f"groups={groups}: a block size must be >= 1")
-        mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
-        if not mods:
-            raise ValueError(f"{type(model).__name__}: no transformers attention modules (with layer_idx) found")
+        mods = attention_modules(model)
         if layers is not None:
             unknown = set(layers) - {m.layer_idx for m in mods}
             if unknown:

@@ -45,6 +45,9 @@ class LMMethod:
             sliding-window layers must keep their whole KV cache.
         bench: ``(tokens) -> {row label: config}``: the configurations ``vzoo bench`` and the
             quality benchmark measure at a prompt of ``tokens`` tokens.
+        bench_tokens: the longest prompt ``vzoo bench`` times the method at (``None``: any), for methods
+            that compute explicit ``q x kv`` probability maps and so cost far more than the speed table's
+            other rows at 16k tokens; the quality benchmark measures them at every length.
         contract: ``() -> {name: config}``: configurations that select every key a query may see at
             the tiny sizes of the tests (blocks of at most 8 tokens, prompts of at most 64); with
             each, the method must reduce to the model's own attention on every model it accepts
@@ -65,6 +68,7 @@ class LMMethod:
     full_cache: Callable = field(default=_never)
     bench: Callable[[int], dict] | None = None
     contract: Callable[[], dict] | None = None
+    bench_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.mask not in ("sdpa", "keys"):

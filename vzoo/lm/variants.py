@@ -44,9 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vzoo.kernels.reference import visible_keys
-
-from .layers import Attachment, dense_attention, select_layers
+from .layers import Attachment, dense_attention, masked_softmax, select_layers, visible_mask
 from .registry import LMMethod, register_lm_method
 
 __all__ = ["VARIANTS", "AttentionVariantConfig", "attach_variant", "variant_attention", "variant_weights"]
@@ -168,15 +166,6 @@ def attach_variant(model: nn.Module, module: nn.Module, config: AttentionVariant
     return Attachment(module, tuple(attrs), tuple(hooks))
 
 
-def _visible(attention_mask: torch.Tensor | None, sq: int, skv: int, sliding_window: int | None, device) -> torch.Tensor:
-    """bool ``[B|1, 1, sq, skv]``: keys each query may see (transformers' mask already holds causality,
-    window and padding; ``None`` means causal, plus the layer's window)."""
-    if attention_mask is not None:
-        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        return mask[:, :, :, :skv]
-    return visible_keys(sq, skv, True, sliding_window or 0, 0, device)[None, None]
-
-
 def _sourced_qk(module: nn.Module, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's queries ``[B, H, N, D]`` and keys ``[B, Hkv, N, D]`` of the Q/K input ``x [B, N, hidden]``
     at ``positions [B, N]``: input norm, projections, per-head norms where the model has them, RoPE."""
@@ -195,12 +184,6 @@ def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], 1)
 
 
-def _masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax over the allowed keys; rows with none give zeros."""
-    w = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
-    return torch.nan_to_num(w, nan=0.0)
-
-
 def variant_weights(
     config: AttentionVariantConfig, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
     scale: float, module: nn.Module | None = None, sliding_window: int | None = None,
@@ -210,7 +193,7 @@ def variant_weights(
     keys. Positional variants read the patched ``module``'s record of this call (see :func:`attach_variant`)."""
     b, h, sq, _ = query.shape
     skv = key.shape[2]
-    allowed = _visible(attention_mask, sq, skv, sliding_window, query.device)
+    allowed = visible_mask(attention_mask, sq, skv, sliding_window, query.device)
     variant, dtype = config.variant, torch.promote_types(query.dtype, torch.float32)
     if variant == "no_mixing":
         own = torch.arange(sq, device=query.device)[:, None] + (skv - sq) == torch.arange(skv, device=query.device)
@@ -222,7 +205,7 @@ def variant_weights(
             raise ValueError(f"position {int(pos.max())} is beyond AttentionVariantConfig.max_len={config.max_len}")
         if variant == "static_mixing":
             logits = module.vzoo_static_logits[:, pos[:, -sq:, None], pos[:, None, :]]  # [H, B, q, kv]
-            return _masked_softmax(logits.transpose(0, 1).to(dtype), allowed)
+            return masked_softmax(logits.transpose(0, 1).to(dtype), allowed)
         x = module.vzoo_random_vectors[pos] if variant == "random_qk" else state.embeds
         q_all, key = _sourced_qk(module, x.to(query.dtype), pos)
         query = q_all[:, :, -sq:]
@@ -234,7 +217,7 @@ def variant_weights(
     if variant == "sigmoid":
         count = allowed.sum(-1, keepdim=True).clamp_min(1)
         return torch.sigmoid(scores - count.to(dtype).log()) * allowed
-    return _masked_softmax(scores, allowed)  # standard, random_qk, embedding_qk
+    return masked_softmax(scores, allowed)  # standard, random_qk, embedding_qk
 
 
 def variant_attention(
