@@ -103,13 +103,12 @@ def tiny_llama(seed: int, hidden: int = 64, layers: int = 3):
     return LlamaForCausalLM(cfg)
 
 
-def _train(model, loss_fn, steps: int, lr: float, desc: str, progress: bool) -> list[float]:
+def _train(model, loss_fn, steps: int, lr: float, desc: str, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     model.train()
-    losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr)
     for step in bar:
         loss = loss_fn(step)
@@ -118,10 +117,8 @@ def _train(model, loss_fn, steps: int, lr: float, desc: str, progress: bool) -> 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
-    return losses
 
 
 def train_models(task: ReversalTask, model=None, pretrain_steps: int = 600, tune_steps: int = 1200, batch: int = 32,

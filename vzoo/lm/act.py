@@ -249,12 +249,16 @@ def act_attention(
     heads = config.heads_of(module.layer_idx, nh)
     if not heads or (sq < skv and not config.decode):
         return dense_attention(query, key, value, attention_mask, scale, sliding_window)
+    groups = nh // key.shape[1]
     idx = torch.tensor(heads, device=query.device)
-    kv_idx = idx // (nh // key.shape[1])
-    out = _calibrated_heads(config, query[:, idx], key[:, kv_idx], value[:, kv_idx], attention_mask, scale, sliding_window)
+    out = _calibrated_heads(config, query[:, idx], key[:, idx // groups], value[:, idx // groups], attention_mask,
+                            scale, sliding_window)
     if len(heads) == nh:
         return out
-    return dense_attention(query, key, value, attention_mask, scale, sliding_window).index_copy(1, idx, out)
+    rest = torch.tensor(sorted(set(range(nh)) - set(heads)), device=query.device)  # only these run plain attention
+    plain = dense_attention(query[:, rest], key[:, rest // groups], value[:, rest // groups], attention_mask, scale,
+                            sliding_window)
+    return out.new_empty(query.shape[0], nh, sq, value.shape[-1]).index_copy(1, idx, out).index_copy(1, rest, plain)
 
 
 def _check_heads(model: nn.Module, module: nn.Module, config: ACTConfig) -> None:
