@@ -1,6 +1,6 @@
 """Block-diffusion language models (issue 17), same process throughout:
 
-1. mask speed: the BD3 training mask and the block-causal prefill mask on the block-sparse path against the same
+1. mask speed: the BD3 training mask and the block-causal prefill mask on vzoo's kernels against the same
    masks as dense 4-D masks through SDPA (CPU fp32, B1 H4 D64, blocks of 32);
 2. decoding: a tiny Llama trained from scratch on digit-string reversal, converted to block diffusion, decoded
    autoregressively and with block decoding at thresholds 0.5-1.0: exact match, forwards per token, wall time,

@@ -21,14 +21,13 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from .block_sparse import block_sparse_attention, resolve_scale
 from .layout import BlockSparseLayout, check_cached_qkv, check_int
-from .merge import merge_attention_states
+from .flash_pieces import Fold, Piece, available, flash_pieces_attention
 
 __all__ = [
-    "additive_mask", "bd3_layout", "bd3_mask", "block_causal_attention", "block_causal_layout", "block_causal_mask",
+    "additive_mask", "bd3_attention", "bd3_layout", "bd3_mask", "block_causal_attention", "block_causal_layout", "block_causal_mask",
     "block_spans_mask", "kernel_block",
 ]
 
@@ -124,26 +123,35 @@ def _causal_layout(q_len: int, kv_len: int, block: int, device: torch.device) ->
     return block_causal_layout(q_len, kv_len, block, device=device)
 
 
-def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's fused CPU flash kernel with its log-sum-exp (``k`` must hold at least one key: an empty key set
-    crashes that kernel)."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+@functools.lru_cache(maxsize=64)
+def _bd3_layout(tokens: int, block: int, device: torch.device) -> BlockSparseLayout:
+    return bd3_layout(tokens, block, device=device)
 
 
-def _later_in_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, scale: float):
-    """Each query of ``q [B, H, T, D]`` (positions ``0 .. T-1`` of ``k, v``, blocks from 0) over the keys after it in
-    its own block: ``(out, lse)``, ``lse = -inf`` for a block's last query."""
-    b, h, t, d = q.shape
-    nb = -(-t // block)
-    pad = nb * block - t
-    qb, kb, vb = (F.pad(x, (0, 0, 0, pad)).view(b, h, nb, block, x.shape[-1]) for x in (q, k, v))
-    s = qb @ kb.transpose(-1, -2) * scale
-    i = torch.arange(block, device=q.device)
-    exists = torch.arange(nb * block, device=q.device).view(nb, 1, block) < t
-    s = s.masked_fill(~((i[None, :] > i[:, None]) & exists), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = torch.exp(s - torch.where(lse.isinf(), 0.0, lse)[..., None]) @ vb
-    return out.view(b, h, nb * block, -1)[:, :, :t], lse.view(b, h, nb * block)[:, :, :t]
+def _causal_plan(q_len: int, kv_len: int, block: int) -> tuple[tuple[Piece, ...], tuple[Fold, ...]]:
+    """:func:`block_causal_mask` as flash pieces: the chunk's own keys (causal) and the keys before it (all),
+    then each query's later keys in its own block as folds (a last partial block on its own)."""
+    start, full, rest = kv_len - q_len, q_len // block, q_len % block
+    pieces = (Piece(0, q_len, start, kv_len, True),) + ((Piece(0, q_len, 0, start, False),) if start else ())
+    folds = ((Fold(0, full, block, ((start, block, True),)),) if full else ()) + (
+        (Fold(full * block, 1, rest, ((start + full * block, rest, True),)),) if rest else ())
+    return pieces, folds
+
+
+def _bd3_plan(tokens: int, block: int) -> tuple[tuple[Piece, ...], tuple[Fold, ...]]:
+    """:func:`bd3_mask` over ``2 * tokens`` as flash pieces: clean queries block-causal over the clean half;
+    noisy query ``i >= block`` causal over clean keys ``0 .. i - block`` (shifted by one block), plus, as folds, the
+    rest of the previous clean block (the keys later than its own offset) and its whole own noisy block."""
+    t, n = tokens, tokens // block
+    pieces = (Piece(t, 2 * t, t, 2 * t, True),) + ((Piece(block, t, t, 2 * t - block, True),) if n > 1 else ())
+    folds = (Fold(t, n, block, ((t, block, True),)), Fold(0, 1, block, ((0, block, False),))) + (
+        (Fold(block, n - 1, block, ((t, block, True), (block, block, False))),) if n > 1 else ())
+    return pieces, folds
+
+
+def _heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = q.shape[1] // k.shape[1]
+    return (k, v) if groups == 1 else (k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))
 
 
 def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, *, scale: float | None = None,
@@ -151,27 +159,32 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     """Attention under :func:`block_causal_mask`: ``q [B, H, Tq, D]`` the last ``Tq`` positions of ``k, v
     [B, Hkv, Tk, D]`` (GQA), the first query on a block boundary. ``key_mask`` bool ``[B, Tk]`` hides padding.
 
-    An inference call on the CPU (nothing requires grad, float32, no ``key_mask``) runs as PyTorch's fused flash
-    kernel: the keys before the chunk (no mask) and the chunk's own keys (causal), each with its log-sum-exp,
-    merged with the later keys of each query's own block (a dense ``block x block`` part). Everything else runs
-    :func:`block_causal_layout` on :func:`vzoo.kernels.block_sparse_attention`. Both are exact."""
+    On the CPU in float32 without ``key_mask`` it runs as fused flash pieces
+    (:mod:`vzoo.kernels.flash_pieces`: the chunk's keys causal, the keys before it, then the later keys of each
+    query's own block), forward and backward; everything else runs :func:`block_causal_layout` on
+    :func:`vzoo.kernels.block_sparse_attention`. Both are exact."""
     check_cached_qkv(q, k, v)
     check_int("block", block, 1)
     tq, tk = q.shape[2], k.shape[2]
-    start = tk - tq
-    if start % block:
-        raise ValueError(f"block_causal_attention: the first query (position {start}) must start a block of {block}")
+    if (tk - tq) % block:
+        raise ValueError(f"block_causal_attention: the first query (position {tk - tq}) must start a block of {block}")
     scale = resolve_scale(scale, q.shape[-1])
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    fused = (q.device.type == "cpu" and q.dtype == torch.float32 and key_mask is None and not grad and tq > 0
-             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
-    if not fused:
+    if key_mask is not None or tq == 0 or not available(q, k, v):
         return block_sparse_attention(q, k, v, _causal_layout(tq, tk, block, q.device), scale=scale, key_mask=key_mask)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    own_k, own_v = k[:, :, start:], v[:, :, start:]
-    parts = [_flash_lse(q, own_k, own_v, True, scale), _later_in_block(q, own_k, own_v, block, scale)]
-    if start:
-        parts.append(_flash_lse(q, k[:, :, :start], v[:, :, :start], False, scale))
-    return merge_attention_states([o for o, _ in parts], [lse for _, lse in parts])[0]
+    return flash_pieces_attention(q, *_heads(q, k, v), *_causal_plan(tq, tk, block), block, scale)
+
+
+def bd3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, *,
+                  scale: float | None = None) -> torch.Tensor:
+    """Attention under :func:`bd3_mask` over ``[x_t ; x_0]``: ``q [B, H, 2T, D]``, ``k, v [B, Hkv, 2T, D]`` (GQA),
+    ``T`` a multiple of ``block``. Fused flash pieces on the CPU in float32 (forward and backward), else
+    :func:`bd3_layout` on :func:`vzoo.kernels.block_sparse_attention`; both exact."""
+    check_cached_qkv(q, k, v)
+    check_int("block", block, 1)
+    if q.shape[2] != k.shape[2] or q.shape[2] % (2 * block):
+        raise ValueError(f"bd3_attention needs 2T queries over the same 2T keys, T a multiple of block={block}; got "
+                         f"{q.shape[2]} queries over {k.shape[2]} keys")
+    tokens, scale = q.shape[2] // 2, resolve_scale(scale, q.shape[-1])
+    if not available(q, k, v):
+        return block_sparse_attention(q, k, v, _bd3_layout(tokens, block, q.device), scale=scale)
+    return flash_pieces_attention(q, *_heads(q, k, v), *_bd3_plan(tokens, block), block, scale)

@@ -1,4 +1,4 @@
-"""Block-diffusion LMs: the speed of their attention masks on the block-sparse path against the same masks as
+"""Block-diffusion LMs: the speed of their attention masks on vzoo's kernels against the same masks as
 dense 4-D masks through SDPA, same process. Used by ``benchmarks/diffusion_lm.py``.
 
 Shapes follow issue 17's bar: B=1, H=4, D=64, fp32 on the CPU, diffusion blocks of 32. ``tokens`` is the
@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from vzoo.bench import mode_ms
-from vzoo.kernels import block_sparse_attention
 from vzoo.kernels.block_diffusion import (
-    additive_mask, bd3_layout, bd3_mask, block_causal_attention, block_causal_layout, block_causal_mask,
+    additive_mask, bd3_attention, bd3_layout, bd3_mask, block_causal_attention, block_causal_layout, block_causal_mask,
 )
 
 __all__ = ["BAR", "MaskRow", "check_diffusion_bar", "format_masks", "mask_rows"]
@@ -30,7 +29,7 @@ class MaskRow:
     mask: str  # "bd3 (training)" | "block-causal (prefill)"
     mode: str
     tokens: int
-    ms: float  # block-sparse layout
+    ms: float  # vzoo's attention function for the mask
     dense_ms: float  # the same mask as a dense additive 4-D mask through SDPA
     density: float
 
@@ -43,9 +42,9 @@ CASES = (("bd3 (training)", "fwd"), ("bd3 (training)", "fwd+bwd"), ("block-causa
 
 
 def mask_rows(tokens: Sequence[int] = (2048, 4096, 8192), repeats: int = 3, block: int = BLOCK) -> list[MaskRow]:
-    """Each of :data:`CASES` at each length: vzoo's path (the BD3 layout on :func:`vzoo.kernels.block_sparse_attention`;
-    :func:`~vzoo.kernels.block_diffusion.block_causal_attention` for the prefill, fused at inference) and the dense
-    mask through SDPA, timed back to back on the same inputs (medians of ``repeats``)."""
+    """Each of :data:`CASES` at each length: vzoo's path (:func:`~vzoo.kernels.block_diffusion.bd3_attention`,
+    :func:`~vzoo.kernels.block_diffusion.block_causal_attention`) and the dense mask through SDPA, timed back to back
+    on the same inputs (medians of ``repeats``)."""
     rows = []
     for t in tokens:
         for mask, mode in CASES:
@@ -54,7 +53,7 @@ def mask_rows(tokens: Sequence[int] = (2048, 4096, 8192), repeats: int = 3, bloc
             if mask.startswith("bd3"):
                 layout, dense = bd3_layout(t // 2, block), bd3_mask(t // 2, block)
                 def run():
-                    return block_sparse_attention(q, k, v, layout)
+                    return bd3_attention(q, k, v, block)
             else:
                 layout, dense = block_causal_layout(t, t, block), block_causal_mask(t, t, block)
                 def run():

@@ -53,6 +53,10 @@ OPS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("reference", "torch"),
     ),
     "merge_attention_states": ("exact log-sum-exp merge of partial attention results", ("torch",)),
+    "flash_pieces_attention": (
+        "structured masks (block-causal, BD3) as fused CPU flash pieces plus per-block folds, with backward",
+        ("torch",),
+    ),
     "lightning_attention": (
         "causal linear attention with per-head decay, chunked (Lightning-2) or left-product tiled (Lightning-1)",
         ("reference", "torch", "triton"),

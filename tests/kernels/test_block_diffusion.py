@@ -86,32 +86,70 @@ def test_layout_errors_and_kernel_block():
         bd3_mask(4, 0)
 
 
-@pytest.mark.parametrize("tq,tk,groups", [(24, 24, 1), (16, 40, 2), (5, 13, 1), (1, 17, 2)])
-def test_block_causal_attention_fused_and_layout_paths_equal_the_dense_mask(tq, tk, groups):
-    from vzoo.kernels.block_diffusion import block_causal_attention
+def _fwd_bwd(fn, q, k, v):
+    """Output and gradients of ``fn(q, k, v)`` against a fixed upstream gradient."""
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
+    return [out.detach().double()] + [t.grad.double() for t in x]
 
+
+def _dense(q, k, v, mask):
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), attn_mask=mask)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("tq,tk,groups", [(24, 24, 1), (16, 40, 2), (5, 13, 1), (1, 17, 2)])
+def test_block_causal_attention_equals_the_dense_mask_forward_and_backward(tq, tk, groups, fused, monkeypatch):
+    from vzoo.kernels import block_diffusion
+
+    if not fused:  # the block-sparse layout path, as on GPUs and in other dtypes
+        monkeypatch.setattr(block_diffusion, "available", lambda *t: False)
     block = 4
     if (tk - tq) % block:
         tk += block - (tk - tq) % block
     g = torch.Generator().manual_seed(tq)
     q = torch.randn(1, 4, tq, 8, generator=g)
     k, v = torch.randn(1, 4 // groups, tk, 8, generator=g), torch.randn(1, 4 // groups, tk, 8, generator=g)
-    kk, vv = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
-    ref = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=block_causal_mask(tq, tk, block))
-    with torch.no_grad():  # inference: the fused flash path
-        fused = block_causal_attention(q, k, v, block)
-    qg = q.clone().requires_grad_()
-    trained = block_causal_attention(qg, k, v, block)  # with grad: the block-sparse layout
-    torch.testing.assert_close(fused.double(), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(trained.double(), ref, atol=1e-5, rtol=1e-5)
+    got = _fwd_bwd(lambda *x: block_diffusion.block_causal_attention(*x, block), q, k, v)
+    want = _fwd_bwd(lambda *x: _dense(*x, block_causal_mask(tq, tk, block)), q.double(), k.double(), v.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     keys = torch.ones(1, tk, dtype=torch.bool)
     keys[0, :2] = False  # padding hides keys (the layout path)
     with torch.no_grad():
-        masked = block_causal_attention(q, k, v, block, key_mask=keys)
+        masked = block_diffusion.block_causal_attention(q, k, v, block, key_mask=keys)
     dense = block_causal_mask(tq, tk, block) & keys[0]
-    ref_masked = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=dense)
+    ref_masked = _dense(q.double(), k.double(), v.double(), dense)
     rows = dense.any(-1)
     torch.testing.assert_close(masked.double()[:, :, rows], ref_masked[:, :, rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("t,block,groups", [(16, 4, 1), (12, 4, 2), (8, 8, 1), (24, 8, 3)])
+def test_bd3_attention_equals_the_dense_mask_forward_and_backward(t, block, groups, fused, monkeypatch):
+    from vzoo.kernels import block_diffusion
+
+    if not fused:
+        monkeypatch.setattr(block_diffusion, "available", lambda *t: False)
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(2, 6, 2 * t, 8, generator=g)
+    k, v = (torch.randn(2, 6 // groups, 2 * t, 8, generator=g) for _ in range(2))
+    got = _fwd_bwd(lambda *x: block_diffusion.bd3_attention(*x, block), q, k, v)
+    want = _fwd_bwd(lambda *x: _dense(*x, bd3_mask(t, block)), q.double(), k.double(), v.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bd3_attention_checks_its_input():
+    from vzoo.kernels.block_diffusion import bd3_attention
+
+    x = torch.randn(1, 2, 20, 8)
+    with pytest.raises(ValueError, match="multiple of block=4"):
+        bd3_attention(x, x, x, 4)
+    with pytest.raises(ValueError, match="same 2T keys"):
+        bd3_attention(x[:, :, :16], x, x, 4)
 
 
 def test_block_causal_attention_needs_a_block_start():

@@ -1,13 +1,13 @@
 """Block-diffusion attention for transformers causal LMs (Fast-dLLM v2, arXiv 2509.26328; Efficient-DLM, arXiv
-2512.14067; masks of BD3-LM, arXiv 2503.09573), on the block-sparse kernels.
+2512.14067; masks of BD3-LM, arXiv 2503.09573), on vzoo's kernels.
 
 ``apply_sparse_attention(model, BlockDiffusionConfig(block=32))`` makes the model's attention causal across
 blocks of ``block`` tokens and bidirectional inside each (the inference mask, on absolute positions, so prefill,
 a block on top of a KV cache and decoding all use it). :func:`bd3_forward` runs the training input
 ``[x_t ; x_0]`` (both halves at positions ``0 .. T-1``) under the BD3 mask: noisy tokens see their own noisy
-block and the clean blocks before it, clean tokens the clean blocks up to their own. The BD3 mask runs as an exact
-block-sparse layout, the block-causal one through :func:`vzoo.kernels.block_diffusion.block_causal_attention` (the
-fused flash kernel plus an in-block part at inference, the layout in training), so no dense ``[T, T]`` mask is built.
+block and the clean blocks before it, clean tokens the clean blocks up to their own. Both masks run
+through :mod:`vzoo.kernels.block_diffusion` (``bd3_attention``, ``block_causal_attention``): fused CPU flash pieces
+with a backward in float32 on the CPU, exact block-sparse layouts elsewhere; no dense ``[T, T]`` mask is built.
 
 Padded batches: padded keys are hidden; blocks count from the first column, so left-pad prompts to a multiple of
 ``block``. A 4-D mask passed to the model (``attention_mask=[B, 1, q, kv]``, additive or bool) is honoured as
@@ -18,14 +18,12 @@ the BD3 mask as a float 4-D mask, the form eager attention needs).
 from __future__ import annotations
 
 import contextvars
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from vzoo.kernels import BlockSparseLayout, block_sparse_attention
-from vzoo.kernels.block_diffusion import additive_mask, bd3_layout, bd3_mask, block_causal_attention, block_causal_mask
+from vzoo.kernels.block_diffusion import additive_mask, bd3_attention, bd3_mask, block_causal_attention, block_causal_mask
 
 from .diffusion_objectives import bd3_inputs
 from .convert import check_layers
@@ -56,11 +54,6 @@ class BlockDiffusionConfig:
         return select_layers("BlockDiffusionConfig.layers", self.layers, num_layers)
 
 
-@functools.lru_cache(maxsize=64)
-def _bd3_layout(tokens: int, block: int, device: torch.device) -> BlockSparseLayout:
-    return bd3_layout(tokens, block, device=device)
-
-
 def block_diffusion_attention(config: BlockDiffusionConfig, query, key, value, attention_mask, scale, module=None,
                               **_) -> torch.Tensor:
     """``query [B, H, q, D]`` (the last ``q`` positions), ``key, value [B, Hkv, kv, D]`` -> ``[B, H, q, D]``
@@ -76,7 +69,7 @@ def block_diffusion_attention(config: BlockDiffusionConfig, query, key, value, a
         if q_len != kv_len or q_len != 2 * tokens:
             raise ValueError(f"bd3_forward with {tokens} tokens needs the 2 x {tokens} inputs in one call, got {q_len} "
                              f"queries over {kv_len} keys (no KV cache in training)")
-        return block_sparse_attention(query, key, value, _bd3_layout(tokens, config.block, query.device), scale=scale)
+        return bd3_attention(query, key, value, config.block, scale=scale)
     if (kv_len - q_len) % config.block == 0:
         return block_causal_attention(query, key, value, config.block, scale=scale, key_mask=keys)
     mask = block_causal_mask(q_len, kv_len, config.block, query.device)  # a chunk starting inside a block
@@ -89,7 +82,7 @@ def block_diffusion_attention(config: BlockDiffusionConfig, query, key, value, a
 def bd3_forward(model, noisy: torch.Tensor, clean: torch.Tensor, **kwargs):
     """Run ``model`` on ``[noisy ; clean]`` (``[N, T]`` each, ``T`` a multiple of the block) under the BD3 mask with
     both halves at positions ``0 .. T-1``; returns the model output for the ``2T`` tokens (the loss reads the noisy
-    half, ``logits[:, :T]``). With :class:`BlockDiffusionConfig` applied the mask runs as a block-sparse layout;
+    half, ``logits[:, :T]``). With :class:`BlockDiffusionConfig` applied the mask runs on vzoo's kernels;
     otherwise pass ``block=`` and it goes in as a 4-D float mask (eager or SDPA attention)."""
     ids, positions = bd3_inputs(noisy, clean)
     t = noisy.shape[1]
@@ -110,9 +103,10 @@ def bd3_forward(model, noisy: torch.Tensor, clean: torch.Tensor, **kwargs):
 register_lm_method(LMMethod(
     config=BlockDiffusionConfig, attn_implementation="vzoo_block_diffusion", label="Block diffusion",
     attention=block_diffusion_attention,
-    paper="Fast-dLLM v2: Efficient Block-Diffusion LLM (2025)", arxiv="2509.26328", ops=("block_sparse_attention",),
-    status="block-causal inference mask and BD3 [x_t ; x_0] training mask as exact block-sparse layouts; caller 4-D "
-           "masks honoured by SDPA",
+    paper="Fast-dLLM v2: Efficient Block-Diffusion LLM (2025)", arxiv="2509.26328",
+    ops=("flash_pieces_attention", "block_sparse_attention"),
+    status="block-causal inference mask and BD3 [x_t ; x_0] training mask, exact (fused flash pieces on CPU fp32, "
+           "block-sparse layouts elsewhere); caller 4-D masks honoured by SDPA",
     mask="keys",
     window_error=lambda config, window: "its blocks see the whole causal prefix",
     bench=lambda tokens: {"block diffusion (block 32)": BlockDiffusionConfig()},
