@@ -108,6 +108,8 @@ def rat_chunk(
     # Own-state score: q and the key state share a chunk, so RoPE rotates both by the same angle and drops out.
     own = (F.pad(q.to(dt), (0, 0, lead, tail)) * run[..., dv:]).sum(-1) * scale
     out = _attend(qr, keys, values, own, run[..., :dv], done, L)[:, :, lead : lead + t]
+    # Own buffers for the state: views would keep the whole scan ``run`` alive and leave the value rows strided
+    # ``L * (Dv + D)`` apart, which makes every decoding step read them slowly.
     last = run[:, :, total - 1]
-    new_state = RATState(keys, values, last[..., dv:], last[..., :dv], start + t)
+    new_state = RATState(keys.contiguous(), values.contiguous(), last[..., dv:].clone(), last[..., :dv].clone(), start + t)
     return out.to(q.dtype), new_state

@@ -202,6 +202,15 @@ def test_many_steps_grow_the_cache():
         assert st.length == 40 and st.keys.shape[2] >= 40 // L
 
 
+def test_prefill_state_owns_compact_buffers():
+    """The state a prefill returns holds only its rows (not views into the whole [T, Dv + D] scan, which would
+    stay alive and make every decoding step read strided rows)."""
+    q, v, gate = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8), torch.rand(1, 2, 64, 8)
+    _, state = rat_attention(q, torch.randn(1, 1, 64, 8), v, gate, chunk_size=16, return_state=True)
+    for t in state[:4]:
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_step_gradients_through_the_state():
     q, k, v, gate = inputs(b=1, h=2, g=1, t=11, d=4)
     xs = [x.clone().requires_grad_() for x in (q, k, v, gate)]
