@@ -75,22 +75,28 @@ def _gather(x: torch.Tensor, fold: Fold, keys: list[tuple[int, int]], block: int
 
 def _forward(q, k, v, pieces, folds, block, scale):
     b, h, t, d = q.shape
-    out = q.new_zeros(b, h, t, d)
-    lse = q.new_full((b, h, t), float("-inf"))
+    out = lse = None
     covered: list[tuple[int, int]] = []
     for p in pieces:
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[:, :, p.q0:p.q1], k[:, :, p.k0:p.k1], v[:, :, p.k0:p.k1], 0.0, p.causal, scale=scale)
-        if any(a < p.q1 and p.q0 < z for a, z in covered):  # rows already hold a state: merge by log-sum-exp
-            l0 = lse[:, :, p.q0:p.q1]
-            peak = torch.maximum(l0, l)
-            w0, w = (l0 - peak).exp(), (l - peak).exp()
-            out[:, :, p.q0:p.q1] = (out[:, :, p.q0:p.q1] * w0[..., None] + o * w[..., None]) / (w0 + w)[..., None]
-            lse[:, :, p.q0:p.q1] = peak + (w0 + w).log()
+        if not covered and (p.q0, p.q1) == (0, t):  # the first piece covers every row: its result is the state
+            out, lse = o.contiguous(), l.contiguous()
         else:
-            out[:, :, p.q0:p.q1] = o
-            lse[:, :, p.q0:p.q1] = l
+            if out is None:
+                out, lse = q.new_zeros(b, h, t, d), q.new_full((b, h, t), float("-inf"))
+            if any(a < p.q1 and p.q0 < z for a, z in covered):  # rows already hold a state: merge by log-sum-exp
+                l0 = lse[:, :, p.q0:p.q1]
+                peak = torch.maximum(l0, l)
+                w0, w = (l0 - peak).exp(), (l - peak).exp()
+                out[:, :, p.q0:p.q1] = (out[:, :, p.q0:p.q1] * w0[..., None] + o * w[..., None]) / (w0 + w)[..., None]
+                lse[:, :, p.q0:p.q1] = peak + (w0 + w).log()
+            else:
+                out[:, :, p.q0:p.q1] = o
+                lse[:, :, p.q0:p.q1] = l
         covered.append((p.q0, p.q1))
+    if out is None:
+        out, lse = q.new_zeros(b, h, t, d), q.new_full((b, h, t), float("-inf"))
     for f in folds:
         s, keys = _fold_scores(q, k, f, block, scale)
         ob, lb = _blocks(out, f.q0, f.n, block, f.rows), _blocks(lse[..., None], f.q0, f.n, block, f.rows)[..., 0]
@@ -98,9 +104,8 @@ def _forward(q, k, v, pieces, folds, block, scale):
         p = s.sub_(peak[..., None]).exp_()
         w = (lb - peak).exp_()
         total = p.sum(-1).add_(w)
-        new = torch.matmul(p, _gather(v, f, keys, block)).add_(ob * w[..., None]).div_(total[..., None])
-        ob.copy_(new)
-        lb.copy_(peak + total.log())
+        ob.mul_(w[..., None]).add_(torch.matmul(p, _gather(v, f, keys, block))).div_(total[..., None])
+        lb.copy_(total.log_().add_(peak))
     return out, lse
 
 
