@@ -29,6 +29,8 @@ __all__ = ["attend", "masked_sdpa"]
 # Target number of fp32 score elements per chunk (4 MiB): large enough for efficient matmuls,
 # small enough that the chunk's scores stay in cache between matmul, softmax and matmul.
 _CHUNK_ELEMS = 1 << 20
+# Gathered key and value elements per chunk of the flash path (32 MiB): few chunks, few calls.
+_FLASH_CHUNK_ELEMS = 1 << 23
 
 
 @dataclass
@@ -56,6 +58,7 @@ class _Plan:
     key_ok: torch.Tensor | None  # bool [U, 1, K, block_n]: keys the key mask keeps
     bad_rows: torch.Tensor | None  # bool [B, Hkv, Skv]: keys whose key or value holds NaN / Inf
     bad: torch.Tensor | None  # bool [U, 1, K, block_n]: the same, gathered like the key blocks
+    flash: bool  # CPU, and the token rules cut at most each unit's last slot: forward on the fused flash kernel
 
     @property
     def widest(self) -> int:
@@ -65,7 +68,7 @@ class _Plan:
 
 def _plan(
     q: torch.Tensor, k: torch.Tensor, layout: BlockSparseLayout, token_mask, causal: bool, scale: float, window: int,
-    sink: int, key_mask: torch.Tensor | None, v: torch.Tensor,
+    sink: int, key_mask: torch.Tensor | None, v: torch.Tensor, inference: bool,
 ) -> _Plan:
     b, hq, sq, _ = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -99,29 +102,44 @@ def _plan(
     # A row is dead when no usable slot holds a visible key; with the causal / window rule a block
     # [first, last] holds one iff first <= hi (hi: its last key the rule allows) and, under a window,
     # the sink starts it or the window's left edge lies at or before hi.
-    visible = slot_on if slot_on is not None else torch.ones(1, 1, maxk, dtype=torch.bool, device=dev)
-    if ruled:
-        first, p = key_pos[:, :, :, 0], row_pos[:, :, :, 0]
-        hi = torch.clamp(first + bn - 1, max=skv - 1)
-        hi = torch.minimum(hi, p) if causal else hi
-        seen = first <= hi
-        if window > 0:
-            seen = seen & ((first < sink) | (torch.maximum(first, p - window + 1) <= hi))
-        visible = visible & seen
-    dead = ~visible.any(-1)
+    if ruled and window == 0 and (slot_on is None or slot_on.shape[1] == 1):
+        # Every row of a unit uses the same slots, so a row sees a key iff the unit's first usable key lies
+        # at or before it: O(U * (K + R)) instead of O(U * R * K).
+        first = key_pos[:, 0, :, 0]
+        usable = first <= skv - 1 if slot_on is None else slot_on[:, 0] & (first <= skv - 1)
+        earliest = torch.where(usable, first, torch.iinfo(first.dtype).max).amin(-1)  # [U]; no usable slot: max
+        dead = earliest[:, None] > (row_pos[:, :, 0, 0] if causal else skv - 1)
+    else:
+        visible = slot_on if slot_on is not None else torch.ones(1, 1, maxk, dtype=torch.bool, device=dev)
+        if ruled:
+            first, p = key_pos[:, :, :, 0], row_pos[:, :, :, 0]
+            hi = torch.clamp(first + bn - 1, max=skv - 1)
+            hi = torch.minimum(hi, p) if causal else hi
+            seen = first <= hi
+            if window > 0:
+                seen = seen & ((first < sink) | (torch.maximum(first, p - window + 1) <= hi))
+            visible = visible & seen
+        dead = ~visible.any(-1)
     dead = dead.expand(b * hu * nqb, rows) if bool(dead.any()) else None
-    chunks = _unit_chunks(layout.kv_num_blocks.reshape(-1), rows * bn)
     key_ok = None
     if key_mask is not None:  # gathered like the key blocks: [B * Hkv * NKB, block_n] -> [U, 1, K, block_n]
         table = F.pad(key_mask, (0, nkb * bn - skv)).view(b, 1, nkb, bn).expand(b, hkv, nkb, bn).reshape(-1, bn)
         key_ok = table.index_select(0, flat_blocks).view(-1, 1, maxk, bn)
     partial = _partial_slots(key_pos, row_pos, key_ok, skv, causal, window, sink)
+    # Inference on the CPU when the token rules cut at most each unit's last slot: the fused flash kernel, which
+    # forms no score buffer, so chunks are sized by their gathered keys and values instead.
+    flash = inference and dev.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    if flash and partial is not None:
+        before_last = torch.arange(maxk, device=dev) < layout.kv_num_blocks.reshape(-1, 1) - 1
+        flash = not bool((partial & before_last).any())
+    counts = layout.kv_num_blocks.reshape(-1)
+    chunks = _unit_chunks(counts, 2 * bn * q.shape[-1], _FLASH_CHUNK_ELEMS) if flash else _unit_chunks(counts, rows * bn)
     bad_rows, bad = nonfinite_rows(k, v), None
     if bad_rows is not None:
         bad = F.pad(bad_rows, (0, nkb * bn - skv)).view(-1, bn).index_select(0, flat_blocks).view(-1, 1, maxk, bn)
     return _Plan(
         layout, group, flat_blocks, slot_on, token_mask is not None, key_pos, row_pos, dead, partial, chunks, scale, causal, window, sink,
-        key_ok, bad_rows, bad,
+        key_ok, bad_rows, bad, flash,
     )
 
 
@@ -149,9 +167,10 @@ def _partial_slots(key_pos, row_pos, key_ok, skv: int, causal: bool, window: int
     return partial if bool(partial.any()) else None
 
 
-def _unit_chunks(counts: torch.Tensor, elems_per_slot: int) -> list[tuple[torch.Tensor, int, bool]]:
-    """Split the units (``counts [U]``: used slots per unit) into chunks of about ``_CHUNK_ELEMS`` score
-    elements, longest rows first, a new chunk wherever the count changes, so no chunk masks padding
+def _unit_chunks(counts: torch.Tensor, elems_per_slot: int, budget: int = _CHUNK_ELEMS
+                 ) -> list[tuple[torch.Tensor, int, bool]]:
+    """Split the units (``counts [U]``: used slots per unit) into chunks of about ``budget`` elements (score
+    elements, or gathered key and value elements for the flash path), longest rows first, a new chunk wherever the count changes, so no chunk masks padding
     slots; each chunk keeps its units' slots (at least 1; the flag marks units with none). One host sync
     (the sorted counts). Callers handle empty problems (no unit, no slot) before."""
     ordered, order = torch.sort(counts, descending=True, stable=True)
@@ -159,7 +178,7 @@ def _unit_chunks(counts: torch.Tensor, elems_per_slot: int) -> list[tuple[torch.
     chunks, start = [], 0
     while start < len(used):
         width = max(used[start], 1)
-        stop = min(len(used), start + max(1, _CHUNK_ELEMS // (elems_per_slot * width)))
+        stop = min(len(used), start + max(1, budget // (elems_per_slot * width)))
         while used[stop - 1] != used[start]:
             stop -= 1
         chunks.append((order[start:stop], width, used[start] < width))
@@ -287,6 +306,34 @@ def _chunks(plan: _Plan, kb: torch.Tensor, vb: torch.Tensor) -> Iterator[tuple[_
         yield c, kg.view(n, width * bn, d), vg.view(n, width * bn, d)
 
 
+def _flash_chunk(plan: _Plan, c: _Chunk, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, buf: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [n, R, D], lse [n, R])`` of a chunk whose token rules cut only its last slot: PyTorch's fused CPU
+    flash kernel over the other slots (no mask) and :func:`_probs` on the last slot, merged by log-sum-exp."""
+    n, rows, d = qc.shape
+    bn, width = plan.layout.block_n, c.width
+    if c.partial is None:
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qc[:, None], kc[:, None], vc[:, None], 0.0, False, scale=plan.scale)
+        return o[:, 0], lse[:, 0]
+    last = _Chunk(c.units, 1, c.blocks, None, None if c.key_pos is None else c.key_pos[:, :, -1:], c.row_pos, None,
+                  c.partial[:, -1:], None, c.dead)
+    pc = buf[: n * rows * bn].view(n, rows, bn)
+    lse_l = _probs(plan, last, qc, kc[:, -bn:], pc, want_lse=True)
+    o_l = torch.bmm(pc, vc[:, -bn:])
+    if width == 1:
+        return o_l, lse_l
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qc[:, None], kc[:, None, :-bn], vc[:, None, :-bn], 0.0, False, scale=plan.scale)
+    o, lse = o[:, 0], lse[:, 0]
+    hidden = ~torch.isfinite(lse_l)  # rows the last slot hides entirely (their probabilities are NaN)
+    lse_l, o_l = lse_l.masked_fill(hidden, float("-inf")), o_l.masked_fill_(hidden[..., None], 0.0)
+    peak = torch.maximum(lse, lse_l)
+    w, w_l = (lse - peak).exp_(), (lse_l - peak).exp_()
+    total = w + w_l
+    return o.mul_(w[..., None]).add_(o_l.mul_(w_l[..., None])).div_(total[..., None]), total.log_().add_(peak)
+
+
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, need_lse: bool):
@@ -299,9 +346,14 @@ class _BlockSparse(torch.autograd.Function):
         p = qu.new_empty(plan.widest * rows * lay.block_n)
         for c, kc, vc in _chunks(plan, kb, vb):
             n = len(c.units)
-            pc = p[: n * rows * kc.shape[1]].view(n, rows, kc.shape[1])
-            part = _probs(plan, c, qu.index_select(0, c.units), kc, pc, want_lse=need_lse)
-            out.index_copy_(0, c.units, torch.bmm(pc, vc))
+            qc = qu.index_select(0, c.units)
+            if plan.flash and c.slot_on is None and c.key_ok is None and c.bad is None:
+                oc, part = _flash_chunk(plan, c, qc, kc, vc, p)
+            else:
+                pc = p[: n * rows * kc.shape[1]].view(n, rows, kc.shape[1])
+                part = _probs(plan, c, qc, kc, pc, want_lse=need_lse)
+                oc = torch.bmm(pc, vc)
+            out.index_copy_(0, c.units, oc)
             if need_lse:
                 lse.index_copy_(0, c.units, part)
         if need_lse and plan.dead is not None:
@@ -437,5 +489,5 @@ def attend(
     if not need_lse and not needs_grad and _dense_is_faster(q, k, layout):
         return _dense_masked(q, k, v, layout, token_mask, causal, scale, window, sink, key_mask), None
     layout, token_mask = broadcast_heads(layout, token_mask, q, k)
-    plan = _plan(q, k, layout, token_mask, causal, scale, window, sink, key_mask, v)
+    plan = _plan(q, k, layout, token_mask, causal, scale, window, sink, key_mask, v, inference=not needs_grad)
     return _BlockSparse.apply(q, k, v, plan, need_lse)

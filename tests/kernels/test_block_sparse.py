@@ -358,10 +358,36 @@ def test_torch_backend_masks_only_partial_slots(window):
     mask = torch.ones(nb, nb, dtype=torch.bool).tril().expand(1, 2, nb, nb).contiguous()
     layout = BlockSparseLayout.from_block_mask(mask, blk, blk, nb * blk, nb * blk)
     q = k = v = torch.randn(1, 2, nb * blk, 8)
-    plan = torch_backend._plan(q, k, layout, None, True, 1.0, window, 0, None, v)
+    plan = torch_backend._plan(q, k, layout, None, True, 1.0, window, 0, None, v, inference=True)
     used = torch.ones(nb, nb, dtype=torch.bool).tril()  # slot j holds key block j; later slots are unused
     lists = plan.partial.view(2, nb, nb) & used  # [head, query block, slot]
     want = torch.eye(nb, dtype=torch.bool)
     if window:
         want = want | torch.ones(nb, nb, dtype=torch.bool).tril(-2)
     assert torch.equal(lists[0], want) and torch.equal(lists[1], want)
+    # inference runs the fused flash kernel only when the rules cut nothing but each row list's last slot
+    assert plan.flash == (window == 0)
+    assert not torch_backend._plan(q, k, layout, None, True, 1.0, window, 0, None, v, inference=False).flash
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_torch_backend_inference_on_flash_chunks_matches_oracle(oracle, monkeypatch, causal, case):
+    """Inference (no grad) runs the chunks whose rules cut only the last slot on the fused flash kernel:
+    output and log-sum-exp against the oracle, with the gathered strategy forced."""
+    from vzoo.kernels import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_dense_is_faster", lambda *a: False)
+    flashed = []
+    flash_chunk = torch_backend._flash_chunk
+    monkeypatch.setattr(torch_backend, "_flash_chunk", lambda *a: flashed.append(1) or flash_chunk(*a))
+    q, k, v, layout = make_problem(case)
+    with torch.no_grad():
+        out, lse = vk.block_sparse_attention(q, k, v, layout, causal=causal, return_lse=True, backend="torch")
+    want_out, want_lse = oracle_run(oracle, q, k, v, layout, causal)[:2]
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    fin = ~torch.isinf(want_lse)
+    assert (out.double() - want_out).abs().max() < 1e-4
+    assert (lse[fin].double() - want_lse[fin]).abs().max() < 1e-4
+    if not causal:
+        assert flashed  # without the causal rule only a ragged key tail is cut, and it sits in the last slot
