@@ -24,7 +24,10 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["Fold", "Piece", "available", "flash_pieces_attention"]
+from .block_sparse import block_sparse_attention
+from .layout import BlockSparseLayout
+
+__all__ = ["Fold", "Piece", "available", "flash_pieces_attention", "segment_causal_attention"]
 
 
 class Piece(NamedTuple):
@@ -154,3 +157,35 @@ def flash_pieces_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pi
     """Attention of ``q [B, H, Sq, D]`` over ``k, v [B, H, Skv, D]`` (same heads) restricted to ``pieces`` and
     ``folds`` (module docstring): ``[B, H, Sq, D]``, differentiable in ``q, k, v``."""
     return _FlashPieces.apply(q, k, v, pieces, folds, block, scale)
+
+
+def segment_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment: int, scale: float,
+                             key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``q [B, H, T, D]`` over ``k, v [B, Hkv, T, D]`` (GQA) inside consecutive segments of
+    ``segment`` tokens: ``(out [B, H, T, D], lse [B, H, T])``. Inference on the CPU in float32 folds the segments
+    into the batch of one causal flash call; otherwise (gradients, ``key_mask [B, T]``, other devices) the
+    one-block-per-row layout on :func:`vzoo.kernels.block_sparse_attention`."""
+    b, h, t, d = q.shape
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if key_mask is not None or grad or not available(q, k, v) or k.shape[2] != t or t == 0:
+        layout = BlockSparseLayout.static(t, t, segment, segment, local_blocks=1, causal=True, device=q.device)
+        return block_sparse_attention(q, k, v, layout, causal=True, scale=scale, return_lse=True, key_mask=key_mask)
+    groups = h // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    n, tail = divmod(t, segment)
+    full = n * segment
+    out, lse = q.new_empty(b, h, t, d), q.new_empty(b, h, t)
+    if n:
+        def fold(x: torch.Tensor) -> torch.Tensor:  # [B, H, n * S, D] -> [B * n, H, S, D]
+            return x[:, :, :full].unflatten(2, (n, segment)).transpose(1, 2).reshape(b * n, h, segment, d)
+
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(fold(q), fold(k), fold(v), 0.0, True,
+                                                                           scale=scale)
+        out[:, :, :full] = o.reshape(b, n, h, segment, d).transpose(1, 2).reshape(b, h, full, d)
+        lse[:, :, :full] = l.reshape(b, n, h, segment).transpose(1, 2).reshape(b, h, full)
+    if tail:
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[:, :, full:], k[:, :, full:], v[:, :, full:], 0.0, True, scale=scale)
+        out[:, :, full:], lse[:, :, full:] = o, l
+    return out, lse

@@ -133,7 +133,11 @@ def _plan(
         before_last = torch.arange(maxk, device=dev) < layout.kv_num_blocks.reshape(-1, 1) - 1
         flash = not bool((partial & before_last).any())
     counts = layout.kv_num_blocks.reshape(-1)
-    chunks = _unit_chunks(counts, 2 * bn * q.shape[-1], _FLASH_CHUNK_ELEMS) if flash else _unit_chunks(counts, rows * bn)
+    if flash:  # the cut last slot still forms scores [n, R, block_n]: at most _CHUNK_ELEMS of them per chunk
+        cap = _CHUNK_ELEMS // (rows * bn) if partial is not None else None
+        chunks = _unit_chunks(counts, 2 * bn * q.shape[-1], _FLASH_CHUNK_ELEMS, cap)
+    else:
+        chunks = _unit_chunks(counts, rows * bn)
     bad_rows, bad = nonfinite_rows(k, v), None
     if bad_rows is not None:
         bad = F.pad(bad_rows, (0, nkb * bn - skv)).view(-1, bn).index_select(0, flat_blocks).view(-1, 1, maxk, bn)
@@ -167,18 +171,20 @@ def _partial_slots(key_pos, row_pos, key_ok, skv: int, causal: bool, window: int
     return partial if bool(partial.any()) else None
 
 
-def _unit_chunks(counts: torch.Tensor, elems_per_slot: int, budget: int = _CHUNK_ELEMS
+def _unit_chunks(counts: torch.Tensor, elems_per_slot: int, budget: int = _CHUNK_ELEMS, cap: int | None = None
                  ) -> list[tuple[torch.Tensor, int, bool]]:
     """Split the units (``counts [U]``: used slots per unit) into chunks of about ``budget`` elements (score
-    elements, or gathered key and value elements for the flash path), longest rows first, a new chunk wherever the count changes, so no chunk masks padding
-    slots; each chunk keeps its units' slots (at least 1; the flag marks units with none). One host sync
-    (the sorted counts). Callers handle empty problems (no unit, no slot) before."""
+    elements, or gathered key and value elements for the flash path) and at most ``cap`` units, longest rows
+    first, a new chunk wherever the count changes, so no chunk masks padding slots; each chunk keeps its units'
+    slots (at least 1; the flag marks units with none). One host sync (the sorted counts). Callers handle empty
+    problems (no unit, no slot) before."""
     ordered, order = torch.sort(counts, descending=True, stable=True)
     used = ordered.tolist()
     chunks, start = [], 0
     while start < len(used):
         width = max(used[start], 1)
-        stop = min(len(used), start + max(1, budget // (elems_per_slot * width)))
+        units = budget // (elems_per_slot * width)
+        stop = min(len(used), start + max(1, units if cap is None else min(units, cap)))
         while used[stop - 1] != used[start]:
             stop -= 1
         chunks.append((order[start:stop], width, used[start] < width))

@@ -62,3 +62,25 @@ def test_pieces_and_folds_equal_the_dense_mask_forward_and_backward(sq, skv, pie
 def test_available_only_for_cpu_float32():
     assert not available(torch.zeros(1, dtype=torch.float64))
     assert not available(torch.zeros(1), torch.zeros(1, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("t,segment,groups", [(24, 8, 1), (27, 8, 3), (5, 8, 1), (16, 16, 3)])
+def test_segment_causal_attention_equals_the_dense_mask(t, segment, groups):
+    from vzoo.kernels.flash_pieces import segment_causal_attention
+
+    i = torch.arange(t)
+    mask = (i[None, :] <= i[:, None]) & (i[None, :] // segment == i[:, None] // segment)
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(2, 6, t, 8, generator=g)
+    k, v = (torch.randn(2, 6 // groups, t, 8, generator=g) for _ in range(2))
+    kk, vv = (x.double().repeat_interleave(groups, 1) for x in (k, v))
+    want = F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=mask, scale=0.4)
+    want_lse = torch.logsumexp((q.double() @ kk.transpose(-1, -2) * 0.4).masked_fill(~mask, float("-inf")), -1)
+    with torch.no_grad():  # the fused path
+        out, lse = segment_causal_attention(q, k, v, segment, 0.4)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-5, rtol=1e-5)
+    keys = torch.ones(2, t, dtype=torch.bool)  # a key mask that hides nothing takes the layout path
+    out2, lse2 = segment_causal_attention(q, k, v, segment, 0.4, key_mask=keys)
+    torch.testing.assert_close(out2.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse2.double(), want_lse, atol=1e-5, rtol=1e-5)

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention, merge_attention_states
+from vzoo.kernels.flash_pieces import segment_causal_attention
 
 from .layers import dense_attention, key_validity, run_dense, select_layers
 from .registry import LMMethod, register_lm_method
@@ -209,9 +210,7 @@ def _own_segments(
     valid: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each query over its own segment (unpermuted keys): out, lse."""
-    t, device = query.shape[2], query.device
-    layout = BlockSparseLayout.static(t, t, segment_size, segment_size, local_blocks=1, causal=True, device=device)
-    return block_sparse_attention(query, key, value, layout, causal=True, scale=scale, return_lse=True, key_mask=valid)
+    return segment_causal_attention(query, key, value, segment_size, scale, key_mask=valid)
 
 
 def _earlier_segments(
