@@ -29,8 +29,12 @@ __all__ = ["attend", "masked_sdpa"]
 # Target number of fp32 score elements per chunk (4 MiB): large enough for efficient matmuls,
 # small enough that the chunk's scores stay in cache between matmul, softmax and matmul.
 _CHUNK_ELEMS = 1 << 20
-# Gathered key and value elements per chunk of the flash path (32 MiB): few chunks, few calls.
+# The flash path (inference): gathered key and value elements per chunk (32 MiB: few chunks, few calls), and
+# the fewest rows per unit (G query heads x block_m) for which it beats the batched matmuls. Measured on a
+# 2-core AVX-512 CPU: units of 192 rows (GQA 3 x 64, SmolLM2) over 30 blocks of 64 keys ran 277 -> 240 ms,
+# units of 128 rows (one head, blocks of 128) over 6 blocks 37 -> 46 ms.
 _FLASH_CHUNK_ELEMS = 1 << 23
+_FLASH_MIN_ROWS = 192
 
 
 @dataclass
@@ -126,9 +130,11 @@ def _plan(
         table = F.pad(key_mask, (0, nkb * bn - skv)).view(b, 1, nkb, bn).expand(b, hkv, nkb, bn).reshape(-1, bn)
         key_ok = table.index_select(0, flat_blocks).view(-1, 1, maxk, bn)
     partial = _partial_slots(key_pos, row_pos, key_ok, skv, causal, window, sink)
-    # Inference on the CPU when the token rules cut at most each unit's last slot: the fused flash kernel, which
-    # forms no score buffer, so chunks are sized by their gathered keys and values instead.
-    flash = inference and dev.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    # Inference on the CPU with units of at least _FLASH_MIN_ROWS rows, when the token rules cut at most each
+    # unit's last slot: the fused flash kernel, which forms no score buffer, so chunks are sized by their gathered
+    # keys and values instead.
+    flash = (inference and rows >= _FLASH_MIN_ROWS and dev.type == "cpu"
+             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
     if flash and partial is not None:
         before_last = torch.arange(maxk, device=dev) < layout.kv_num_blocks.reshape(-1, 1) - 1
         flash = not bool((partial & before_last).any())

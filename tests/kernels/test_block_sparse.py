@@ -366,7 +366,11 @@ def test_torch_backend_masks_only_partial_slots(window):
         want = want | torch.ones(nb, nb, dtype=torch.bool).tril(-2)
     assert torch.equal(lists[0], want) and torch.equal(lists[1], want)
     # inference runs the fused flash kernel only when the rules cut nothing but each row list's last slot
-    assert plan.flash == (window == 0)
+    # (and units have enough rows: 16 here)
+    assert not plan.flash
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_backend, "_FLASH_MIN_ROWS", 16)
+        assert torch_backend._plan(q, k, layout, None, True, 1.0, window, 0, None, v, inference=True).flash == (window == 0)
     assert not torch_backend._plan(q, k, layout, None, True, 1.0, window, 0, None, v, inference=False).flash
 
 
@@ -378,6 +382,7 @@ def test_torch_backend_inference_on_flash_chunks_matches_oracle(oracle, monkeypa
     from vzoo.kernels import torch_backend
 
     monkeypatch.setattr(torch_backend, "_dense_is_faster", lambda *a: False)
+    monkeypatch.setattr(torch_backend, "_FLASH_MIN_ROWS", 1)  # the tiny cases' units take the flash path too
     flashed = []
     flash_chunk = torch_backend._flash_chunk
     monkeypatch.setattr(torch_backend, "_flash_chunk", lambda *a: flashed.append(1) or flash_chunk(*a))
