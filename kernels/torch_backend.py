@@ -62,7 +62,7 @@ class _Plan:
     key_ok: torch.Tensor | None  # bool [U, 1, K, block_n]: keys the key mask keeps
     bad_rows: torch.Tensor | None  # bool [B, Hkv, Skv]: keys whose key or value holds NaN / Inf
     bad: torch.Tensor | None  # bool [U, 1, K, block_n]: the same, gathered like the key blocks
-    flash: bool  # CPU, and the token rules cut at most each unit's last slot: forward on the fused flash kernel
+    flash: bool  # CPU inference, units of >= _FLASH_MIN_ROWS rows, rules cutting only last slots: fused flash kernel
 
     @property
     def widest(self) -> int:
