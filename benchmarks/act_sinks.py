@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vzoo.atomic import write_atomic, write_json_atomic
+from vzoo.atomic import save_figure, write_json_atomic
 from vzoo.lm.act import sink_map
 from vzoo.lm_quality import load_smollm2, text_tokens
 
@@ -46,8 +46,7 @@ def _plots(received: torch.Tensor, counts: dict[str, torch.Tensor], layer: int, 
         fig.colorbar(im, ax=ax)
     fig.suptitle(f"ACT sinks besides position 0: SmolLM2-135M, {t} tokens, tau {tau}")
     fig.tight_layout()
-    write_atomic(out / "act_sinks_heatmap.png", lambda p: fig.savefig(p, dpi=120))
-    plt.close(fig)
+    save_figure(fig, out / "act_sinks_heatmap.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(11, 4))
     for h in range(heads):
@@ -59,8 +58,7 @@ def _plots(received: torch.Tensor, counts: dict[str, torch.Tensor], layer: int, 
         ax.annotate(repr(words[j])[1:-1][:10], (j, float(received[layer, :, j].max())), fontsize=6, rotation=60)
     ax.legend(fontsize=6, ncol=5)
     fig.tight_layout()
-    write_atomic(out / "act_sinks_received.png", lambda p: fig.savefig(p, dpi=120))
-    plt.close(fig)
+    save_figure(fig, out / "act_sinks_received.png", dpi=120)
 
 
 def main() -> None:

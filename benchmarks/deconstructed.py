@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vzoo.atomic import write_atomic, write_json_atomic
+from vzoo.atomic import save_figure, write_atomic, write_json_atomic
 from vzoo.lm import AttentionVariantConfig, apply_sparse_attention
 from vzoo.lm.variants import VARIANTS
 from vzoo.lm_quality import reference_bytes
@@ -110,8 +110,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     ax.set(xlabel="training step", ylabel="validation perplexity per byte", yscale="log", title=title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

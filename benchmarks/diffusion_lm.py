@@ -18,7 +18,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from vzoo.atomic import write_atomic, write_json_atomic
+from vzoo.atomic import save_figure, write_json_atomic
 
 
 def plot_decode(results: dict[str, list], path: Path) -> None:
@@ -44,8 +44,7 @@ def plot_decode(results: dict[str, list], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

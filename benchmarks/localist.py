@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from vzoo.atomic import write_atomic, write_json_atomic
+from vzoo.atomic import save_figure, write_json_atomic
 from vzoo.lm.localist import (
     LocalistPenalty, attention_entropy_bits, block_groups, group_masses, group_sparsity_penalty, pointer_fidelity,
     target_mask,
@@ -108,10 +108,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import functools
 import torch
 
 from .block_sparse import block_sparse_attention, resolve_scale
-from .layout import BlockSparseLayout, check_cached_qkv, check_int
+from .layout import BlockSparseLayout, check_cached_qkv, check_int, repeat_kv
 from .flash_pieces import Fold, Piece, available, flash_pieces_attention
 
 __all__ = [
@@ -149,11 +149,6 @@ def _bd3_plan(tokens: int, block: int) -> tuple[tuple[Piece, ...], tuple[Fold, .
     return pieces, folds
 
 
-def _heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    groups = q.shape[1] // k.shape[1]
-    return (k, v) if groups == 1 else (k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1))
-
-
 def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, *, scale: float | None = None,
                            key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention under :func:`block_causal_mask`: ``q [B, H, Tq, D]`` the last ``Tq`` positions of ``k, v
@@ -171,7 +166,8 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     scale = resolve_scale(scale, q.shape[-1])
     if key_mask is not None or tq == 0 or not available(q, k, v):
         return block_sparse_attention(q, k, v, _causal_layout(tq, tk, block, q.device), scale=scale, key_mask=key_mask)
-    return flash_pieces_attention(q, *_heads(q, k, v), *_causal_plan(tq, tk, block), block, scale)
+    return flash_pieces_attention(q, repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), *_causal_plan(tq, tk, block),
+                                  block, scale)
 
 
 def bd3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int, *,
@@ -187,4 +183,5 @@ def bd3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int,
     tokens, scale = q.shape[2] // 2, resolve_scale(scale, q.shape[-1])
     if not available(q, k, v):
         return block_sparse_attention(q, k, v, _bd3_layout(tokens, block, q.device), scale=scale)
-    return flash_pieces_attention(q, *_heads(q, k, v), *_bd3_plan(tokens, block), block, scale)
+    return flash_pieces_attention(q, repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1]), *_bd3_plan(tokens, block),
+                                  block, scale)

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from .layout import repeat_kv
+
 __all__ = [
     "BREAK_EVEN", "DensityReport", "DensityStats", "break_even", "dense_is_faster", "dense_attention_lse", "shared_density",
 ]
@@ -113,8 +115,7 @@ def dense_attention_lse(
     group = q.shape[1] // k.shape[1]
     if not need_lse:
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=group > 1), None
-    if group > 1:
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if q.device.type == "cpu" and not needs_grad:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)

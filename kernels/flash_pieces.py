@@ -25,7 +25,8 @@ from typing import NamedTuple
 import torch
 
 from .block_sparse import block_sparse_attention
-from .layout import BlockSparseLayout
+from .layout import BlockSparseLayout, repeat_kv
+from .merge import merge_attention_states
 
 __all__ = ["Fold", "Piece", "available", "flash_pieces_attention", "segment_causal_attention"]
 
@@ -78,27 +79,21 @@ def _gather(x: torch.Tensor, fold: Fold, keys: list[tuple[int, int]], block: int
 
 def _forward(q, k, v, pieces, folds, block, scale):
     b, h, t, d = q.shape
-    out = lse = None
+    out = lse = None  # the state, made on first use
     covered: list[tuple[int, int]] = []
     for p in pieces:
         o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[:, :, p.q0:p.q1], k[:, :, p.k0:p.k1], v[:, :, p.k0:p.k1], 0.0, p.causal, scale=scale)
-        if not covered and (p.q0, p.q1) == (0, t):  # the first piece covers every row: its result is the state
+        if out is None and (p.q0, p.q1) == (0, t):  # the first piece covers every row: its result is the state
             out, lse = o.contiguous(), l.contiguous()
         else:
             if out is None:
                 out, lse = q.new_zeros(b, h, t, d), q.new_full((b, h, t), float("-inf"))
             if any(a < p.q1 and p.q0 < z for a, z in covered):  # rows already hold a state: merge by log-sum-exp
-                l0 = lse[:, :, p.q0:p.q1]
-                peak = torch.maximum(l0, l)
-                w0, w = (l0 - peak).exp(), (l - peak).exp()
-                out[:, :, p.q0:p.q1] = (out[:, :, p.q0:p.q1] * w0[..., None] + o * w[..., None]) / (w0 + w)[..., None]
-                lse[:, :, p.q0:p.q1] = peak + (w0 + w).log()
-            else:
-                out[:, :, p.q0:p.q1] = o
-                lse[:, :, p.q0:p.q1] = l
+                o, l = merge_attention_states([out[:, :, p.q0:p.q1], o], [lse[:, :, p.q0:p.q1], l])
+            out[:, :, p.q0:p.q1], lse[:, :, p.q0:p.q1] = o, l
         covered.append((p.q0, p.q1))
-    if out is None:
+    if out is None:  # no piece: the folds alone
         out, lse = q.new_zeros(b, h, t, d), q.new_full((b, h, t), float("-inf"))
     for f in folds:
         s, keys = _fold_scores(q, k, f, block, scale)
@@ -170,9 +165,7 @@ def segment_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if key_mask is not None or grad or not available(q, k, v) or k.shape[2] != t or t == 0:
         layout = BlockSparseLayout.static(t, t, segment, segment, local_blocks=1, causal=True, device=q.device)
         return block_sparse_attention(q, k, v, layout, causal=True, scale=scale, return_lse=True, key_mask=key_mask)
-    groups = h // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    k, v = repeat_kv(k, h), repeat_kv(v, h)
     n, tail = divmod(t, segment)
     full = n * segment
     out, lse = q.new_empty(b, h, t, d), q.new_empty(b, h, t)

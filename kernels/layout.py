@@ -377,3 +377,10 @@ class BlockSparseLayout:
             self.q_len,
             self.kv_len,
         )
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, Hkv, ...]`` -> ``[B, num_heads, ...]``: query head ``h`` reads key/value head ``h // (num_heads / Hkv)``
+    (GQA order, as SDPA's ``enable_gqa``)."""
+    groups = num_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .block_sparse import broadcast_heads, empty_attention
 from .layout import BlockSparseLayout
+from .merge import merge_attention_states
 from .reference import all_finite, layout_token_mask, nonfinite_rows
 
 __all__ = ["attend", "masked_sdpa"]
@@ -337,13 +338,10 @@ def _flash_chunk(plan: _Plan, c: _Chunk, qc: torch.Tensor, kc: torch.Tensor, vc:
         return o_l, lse_l
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qc[:, None], kc[:, None, :-bn], vc[:, None, :-bn], 0.0, False, scale=plan.scale)
-    o, lse = o[:, 0], lse[:, 0]
     hidden = ~torch.isfinite(lse_l)  # rows the last slot hides entirely (their probabilities are NaN)
     lse_l, o_l = lse_l.masked_fill(hidden, float("-inf")), o_l.masked_fill_(hidden[..., None], 0.0)
-    peak = torch.maximum(lse, lse_l)
-    w, w_l = (lse - peak).exp_(), (lse_l - peak).exp_()
-    total = w + w_l
-    return o.mul_(w[..., None]).add_(o_l.mul_(w_l[..., None])).div_(total[..., None]), total.log_().add_(peak)
+    out, lse = merge_attention_states([o, o_l[:, None]], [lse, lse_l[:, None]])
+    return out[:, 0], lse[:, 0]
 
 
 class _BlockSparse(torch.autograd.Function):

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_json_atomic"]
+__all__ = ["save_figure", "write_atomic", "write_json_atomic"]
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -25,3 +25,13 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> None:
 def write_json_atomic(obj: object, path: str | Path) -> None:
     """``obj`` as indented JSON at ``path``, atomically."""
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1)))
+
+
+def save_figure(fig, path: str | Path, dpi: int | None = None) -> None:
+    """A matplotlib figure saved at ``path`` (format from its suffix), atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi))
+    finally:
+        plt.close(fig)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from vzoo.atomic import write_atomic
+from vzoo.atomic import save_figure
 from vzoo.kernels import BlockSparseLayout, block_sparse_attention
 
 __all__ = [
@@ -206,8 +206,7 @@ def save_plot(rows: Sequence[Row], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def rows_as_dicts(rows: Sequence[Row | ModelRow]) -> list[dict]:

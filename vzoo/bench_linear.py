@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vzoo.atomic import write_atomic
+from vzoo.atomic import save_figure
 from vzoo.bench import median_ms, mode_ms
 
 __all__ = ["BAR", "DecodeRow", "HybridRow", "SpeedRow", "check_linear_bar", "decode_rows", "format_decode",
@@ -277,8 +277,7 @@ def plot_speed(rows: Sequence[SpeedRow], path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 @dataclass

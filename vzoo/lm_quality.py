@@ -348,7 +348,7 @@ def plot_rows(rows: list[QualityRow], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vzoo.atomic import write_atomic
+    from vzoo.atomic import save_figure
 
     longest = max(r.tokens for r in rows)
     rows = [r for r in rows if r.tokens == longest and r.error is None]
@@ -364,5 +364,4 @@ def plot_rows(rows: list[QualityRow], path: str | Path) -> None:
         ax.set_title(f"{title}, {longest} tokens", fontsize=9)
     axes[0].invert_yaxis()
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

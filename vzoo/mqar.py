@@ -360,7 +360,7 @@ def plot_curves(rows: list[dict], path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vzoo.atomic import write_atomic
+    from vzoo.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for r in rows:
@@ -372,5 +372,4 @@ def plot_curves(rows: list[dict], path, title: str = "") -> None:
     ax.set(xlabel="training step", ylabel="held-out MQAR accuracy", ylim=(0, 1.02), title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from ..layout import check_tensor
+from ..layout import check_tensor, repeat_kv
 
 __all__ = ["accum_dtype", "check_inputs", "check_scale", "decay_rates", "final_state", "prepare", "repeat_kv"]
 
@@ -74,12 +74,6 @@ def decay_rates(decay: torch.Tensor | float | None, num_heads: int, device: torc
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``[B, Hkv, ...]`` -> ``[B, num_heads, ...]``: each key/value head serves ``num_heads // Hkv`` query heads."""
-    groups = num_heads // x.shape[1]
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def prepare(

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layout import compute_dtype
-from .common import RATState, Rope, apply_rope, expand_groups, split_gate
+from ..layout import compute_dtype, repeat_kv
+from .common import RATState, Rope, apply_rope, split_gate
 
 __all__ = ["rat_chunk"]
 
@@ -80,7 +80,7 @@ def rat_chunk(
     lead, done = start % L, start // L  # position inside the current chunk, finished chunks
     gv, gk = split_gate(gate.to(dt), dv)
     g = torch.cat([gv, gk], dim=-1)
-    x = torch.cat([v.to(dt), expand_groups(k, h).to(dt)], dim=-1)
+    x = torch.cat([v.to(dt), repeat_kv(k, h).to(dt)], dim=-1)
     u = (1.0 - g) * x  # [B, H, T, Dv + D]
     if lead:  # virtual tokens: the last one (gate 0) loads the running state, earlier ones are never read
         pre_u = u.new_zeros(b, h, lead, dv + d)

@@ -18,7 +18,7 @@ from ..block_sparse import resolve_scale
 from ..layout import check_int, check_tensor
 
 __all__ = [
-    "RATState", "Rope", "apply_rope", "check_inputs", "check_rope", "check_state", "expand_groups",
+    "RATState", "Rope", "apply_rope", "check_inputs", "check_rope", "check_state",
     "rat_rope", "split_gate",
 ]
 
@@ -179,9 +179,3 @@ def split_gate(gate: torch.Tensor, dv: int) -> tuple[torch.Tensor, torch.Tensor]
     return gate[..., :dv], gate[..., dv:]
 
 
-def expand_groups(k: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[B, G, T, D] -> [B, H, T, D]``: head ``h`` reads group ``h // (H / G)`` (GQA order, as SDPA)."""
-    b, g, t, d = k.shape
-    if g == heads:
-        return k
-    return k[:, :, None].expand(b, g, heads // g, t, d).reshape(b, heads, t, d)

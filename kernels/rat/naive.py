@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import compute_dtype
-from .common import RATState, Rope, apply_rope, expand_groups, split_gate
+from ..layout import compute_dtype, repeat_kv
+from .common import RATState, Rope, apply_rope, split_gate
 
 __all__ = ["rat_naive"]
 
@@ -28,7 +28,7 @@ def rat_naive(
     dv = v.shape[-1]
     dt = compute_dtype(q.dtype)
     gv, gk = (x.to(dt) for x in split_gate(gate, dv))
-    kh, vh, qh = expand_groups(k, h).to(dt), v.to(dt), q.to(dt)
+    kh, vh, qh = repeat_kv(k, h).to(dt), v.to(dt), q.to(dt)
     length = 0 if state is None else state.length
     done = length // chunk_size
     keys = [] if state is None else [state.keys[:, :, c].to(dt) for c in range(done)]  # each [B, H, D]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import compute_dtype
-from .common import RATState, Rope, apply_rope, check_inputs, check_rope, check_state, expand_groups, split_gate
+from ..layout import compute_dtype, repeat_kv
+from .common import RATState, Rope, apply_rope, check_inputs, check_rope, check_state, split_gate
 
 __all__ = ["rat_step"]
 
@@ -58,7 +58,7 @@ def rat_step(
     dt = compute_dtype(q.dtype)
     n, lead = length // chunk_size, length % chunk_size
     gv, gk = (x[:, :, 0].to(dt) for x in split_gate(gate, dv))
-    xv, xk = v[:, :, 0].to(dt), expand_groups(k, q.shape[1])[:, :, 0].to(dt)
+    xv, xk = v[:, :, 0].to(dt), repeat_kv(k, q.shape[1])[:, :, 0].to(dt)
     v_run, k_run = (1.0 - gv) * xv, (1.0 - gk) * xk
     if lead:
         v_run = v_run + gv * state.value_run.to(dt)

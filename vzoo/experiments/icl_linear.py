@@ -335,7 +335,7 @@ def evaluate(model: ICLAttention, config: ICLConfig, contexts: tuple[int, ...] =
 def _plot_training(path: Path, hist: dict, lin_hist: dict, ridge_mse: float, var_y: float) -> None:
     import matplotlib.pyplot as plt
 
-    from vzoo.atomic import write_atomic
+    from vzoo.atomic import save_figure
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     ax.plot(hist["step"], hist["loss"], label=SOFTMAX)
@@ -352,14 +352,13 @@ def _plot_training(path: Path, hist: dict, lin_hist: dict, ridge_mse: float, var
     bx.set(xlabel="step", title="mu = OV[y, y] (solid), omega = mean diag KQ_xx (dashed)")
     bx.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _plot_heads(path: Path, model: ICLAttention) -> None:
     import matplotlib.pyplot as plt
 
-    from vzoo.atomic import write_atomic
+    from vzoo.atomic import save_figure
 
     kq, ov, h = model.kq.detach(), model.ov.detach(), model.heads
     names = [f"x{i + 1}" for i in range(model.d)] + ["y"]
@@ -372,14 +371,13 @@ def _plot_heads(path: Path, model: ICLAttention) -> None:
             axes[row, j].set_xticklabels(names, fontsize=7)
             axes[row, j].set_yticklabels(names, fontsize=7)
         fig.colorbar(im, ax=list(axes[row]), shrink=0.8)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _plot_lengths(path: Path, ev: dict, train_context: int) -> None:
     import matplotlib.pyplot as plt
 
-    from vzoo.atomic import write_atomic
+    from vzoo.atomic import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, mse in ev["mse"].items():
@@ -391,8 +389,7 @@ def _plot_lengths(path: Path, ev: dict, train_context: int) -> None:
     ax.set_xticklabels([str(n) for n in ev["contexts"]])
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _bar(ev: dict, heads: dict, zero_sum: float, context: int) -> list[str]:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vzoo.atomic import write_atomic, write_json_atomic
+from vzoo.atomic import save_figure, write_json_atomic
 
 from .layers import attention_modules
 
@@ -293,10 +293,7 @@ def _plot(path: Path, w: torch.Tensor, f: torch.Tensor, flags: dict[str, torch.T
     bottom.legend(loc="upper right", fontsize=8)
     top.set_title(title, fontsize=9)
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def analyze_rhythm(model_dir: str | Path, text_file: str | Path, out_dir: str | Path, *, gguf_file: str | None = None,

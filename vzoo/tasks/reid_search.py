@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vzoo.atomic import write_atomic, write_json_atomic
+from vzoo.atomic import save_figure, write_json_atomic
 
 from .reid import reid_run
 from .trainer import TrainSettings, train
@@ -55,5 +55,4 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("validation mAP")
     ax.set_title("attention placement: speed vs accuracy")
     fig.tight_layout()
-    write_atomic(path, fig.savefig)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from vzoo.atomic import write_atomic, write_json_atomic
+from vzoo.atomic import save_figure, write_atomic, write_json_atomic
 
 __all__ = ["TaskRun", "TrainSettings", "train", "save_atomic", "load_checkpoint", "describe_changes", "split_batches", "check_batch_size"]
 
@@ -110,8 +110,7 @@ def _plot(history: list[dict], path: Path) -> None:
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.tight_layout()
-    write_atomic(path, fig.savefig)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
